@@ -1,0 +1,1 @@
+"""Platform adapters: translate chat platforms to and from core types."""

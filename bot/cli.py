@@ -1,0 +1,250 @@
+"""The `chatbot` command: run, worker, chat, slack, discord, prepare-model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from bot.console import ConsoleChat
+from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
+from core.hf_engine import load_engine
+from core.model_files import prepare_model
+from core.redis_conn import Redis, connect, mask_url, with_retry
+from core.redis_server import RedisServer
+from core.settings import Settings
+from core.worker import Worker
+
+log = logging.getLogger("chatbot")
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _setup_logging(settings: Settings, *, quiet_console: bool) -> None:
+    """Log to stderr; when a chat shares the terminal, full logs go to a file instead."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    root.setLevel(settings.log_level)
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(logging.Formatter(fmt))
+    if quiet_console:
+        stderr.setLevel(logging.WARNING)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(settings.data_dir / "chatbot.log")
+        to_file.setFormatter(logging.Formatter(fmt))
+        root.addHandler(to_file)
+    root.addHandler(stderr)
+    for noisy in ("httpx", "urllib3", "transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _url_file(settings: Settings) -> Path:
+    return settings.data_dir / "redis.url"
+
+
+def _redis_url(settings: Settings) -> str:
+    """REDIS_URL, else the embedded server a running `chatbot run` announced."""
+    if settings.redis_url:
+        return settings.redis_url
+    url_file = _url_file(settings)
+    if url_file.is_file():
+        return url_file.read_text().strip()
+    raise SettingsError(
+        "REDIS_URL is not set and no `chatbot run` is running here: set REDIS_URL "
+        "(e.g. redis://localhost:6379/0) or start `chatbot run` first"
+    )
+
+
+def _install_stop_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.error("second %s: exiting without draining", signal.Signals(signum).name)
+            os._exit(EXIT_FAILURE)
+        log.warning("%s received: finishing in-flight work, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def _check_redis(redis: Redis, url: str, stop: asyncio.Event) -> None:
+    log.info("connecting to Redis at %s", mask_url(url))
+    await with_retry(f"connecting to {mask_url(url)}", redis.ping, stop=stop)
+
+
+async def _serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
+    """Load the model (in a thread, so the event loop keeps serving), then work until `stop`."""
+    engine = await asyncio.to_thread(load_engine, settings, _progress)
+    worker = Worker(redis, settings, engine)
+    run = asyncio.create_task(worker.run())
+    stop_wait = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({run, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        worker.stop()
+        await run  # drains the batch in hand
+    finally:
+        stop_wait.cancel()
+        engine.close()
+
+
+async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _install_stop_handlers(stop)
+    url = _redis_url(settings)
+    redis = connect(url)
+    try:
+        await _check_redis(redis, url, stop)
+        await _serve_worker(settings, redis, stop)
+    finally:
+        await redis.aclose()
+    return 0
+
+
+async def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _install_stop_handlers(stop)
+    url = _redis_url(settings)
+    redis = connect(url)
+    try:
+        await _check_redis(redis, url, stop)
+        await ConsoleChat(redis, settings, conversation=args.conversation).run(stop)
+    finally:
+        await redis.aclose()
+    return 0
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _install_stop_handlers(stop)
+    server: RedisServer | None = None
+    if settings.redis_url:
+        url = settings.redis_url
+    else:
+        server = RedisServer(settings.data_dir / "redis")
+        url = await asyncio.to_thread(server.start)
+        _url_file(settings).write_text(url + "\n")
+    redis = connect(url)
+    tasks: dict[str, asyncio.Task[None]] = {}
+    try:
+        await _check_redis(redis, url, stop)
+        tasks["worker"] = asyncio.create_task(_serve_worker(settings, redis, stop))
+        for name, configured in (
+            ("Slack", settings.slack_configured),
+            ("Discord", settings.discord_configured),
+        ):
+            if configured:
+                log.error("%s credentials are set, but the %s adapter is not in this release yet", name, name)
+        if not (settings.slack_configured or settings.discord_configured):
+            chat = ConsoleChat(redis, settings, conversation=args.conversation)
+            tasks["console"] = asyncio.create_task(chat.run(stop))
+        stop_wait = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait(
+            {*tasks.values(), stop_wait}, return_when=asyncio.FIRST_COMPLETED
+        )
+        stop.set()
+        for name, task in tasks.items():
+            if task in done and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+    finally:
+        stop.set()
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await redis.aclose()
+        if server is not None:
+            with contextlib.suppress(OSError):
+                _url_file(settings).unlink()
+            await asyncio.to_thread(server.stop)
+    return 0
+
+
+async def cmd_prepare_model(settings: Settings, args: argparse.Namespace) -> int:
+    source, location = await asyncio.to_thread(
+        prepare_model, settings.model, settings.cache_dir, _progress
+    )
+    print(f"{source.label} is ready at {location}")
+    return 0
+
+
+async def cmd_not_yet(settings: Settings, args: argparse.Namespace) -> int:
+    issue = {"slack": 3, "discord": 4}[args.command]
+    print(
+        f"chatbot {args.command}: the {args.command.capitalize()} adapter is not in this "
+        f"release yet (tracked as issue #{issue}). Use `chatbot chat` meanwhile.",
+        file=sys.stderr,
+    )
+    return EXIT_CONFIG
+
+
+Command = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "run": (cmd_run, "everything in one process group: Redis, a worker, the adapters, the console"),
+    "worker": (cmd_worker, "a generation worker"),
+    "chat": (cmd_chat, "talk to the bot in the terminal (pipe lines in to script it)"),
+    "slack": (cmd_not_yet, "the Slack adapter"),
+    "discord": (cmd_not_yet, "the Discord adapter"),
+    "prepare-model": (cmd_prepare_model, "convert and cache the configured model, then exit"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatbot", description="A customer-service chatbot for Discord and Slack."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name in ("run", "chat"):
+            command.add_argument(
+                "--conversation", default="default",
+                help="name of the console conversation to continue (default: %(default)s)",
+            )
+        if name == "slack":
+            command.add_argument("--port", type=int, default=3000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"chatbot: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _setup_logging(settings, quiet_console=args.command in ("run", "chat"))
+    handler, _ = COMMANDS[args.command]
+    try:
+        return asyncio.run(handler(settings, args))
+    except SettingsError as exc:
+        print(f"chatbot: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ModelLoadError, RedisServerError) as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
+    except ChatbotError as exc:
+        log.exception("stopped: %s", exc)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The console channel: talk to the bot in a terminal, through Redis and the worker.
+
+It is an adapter like any other: messages go in through `submit_user_message`, replies come
+back on the `console` outbox. With a terminal it is interactive; with piped input it answers
+each line and exits at end of input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import sys
+import threading
+import uuid
+from typing import Any, TextIO
+
+from core.conversation import ConversationKey, Reply
+from core.inbound import Outcome, submit_user_message
+from core.jobs import JobQueue
+from core.keys import Keys
+from core.redis_conn import Redis, with_retry
+from core.settings import Settings
+from core.store import ConversationStore
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "console"
+QUIT_WORDS = {"/quit", "/exit", "/q"}
+NO_REPLY = (
+    "Sorry, no answer came in time. Is a worker running (`chatbot worker`)? "
+    "Your message is saved and will be answered when one is."
+)
+
+
+class _StdinReader:
+    """Lines from stdin, read in a daemon thread so that shutdown never waits on input.
+
+    Interactively, the next prompt is shown only after the previous answer (`want_next`).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt: str, interactive: bool) -> None:
+        self.lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self._loop = loop
+        self._prompt = prompt
+        self._interactive = interactive
+        self._next = threading.Event()
+        self._next.set()
+        threading.Thread(target=self._read, name="console-stdin", daemon=True).start()
+
+    def want_next(self) -> None:
+        self._next.set()
+
+    def _read(self) -> None:
+        while True:
+            if self._interactive:
+                self._next.wait()
+                self._next.clear()
+            try:
+                raw = input(self._prompt) if self._interactive else sys.stdin.buffer.readline()
+            except (EOFError, KeyboardInterrupt, OSError):
+                raw = b""
+            if isinstance(raw, bytes):
+                text = raw.decode("utf-8", errors="replace").rstrip("\n") if raw else None
+            else:
+                text = raw
+            self._loop.call_soon_threadsafe(self.lines.put_nowait, text)
+            if text is None:
+                return
+
+
+class ConsoleChat:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        conversation: str = "default",
+        out: TextIO = sys.stdout,
+        interactive: bool | None = None,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        keys = Keys(settings.namespace)
+        self.keys = keys
+        self.store = ConversationStore(
+            redis, keys, max_messages=settings.history_max_messages, ttl_s=settings.history_ttl_s
+        )
+        self.queue = JobQueue(redis, keys)
+        user = getpass.getuser()
+        self.author_id = user
+        self.conversation = ConversationKey(PLATFORM, "local", user, conversation)
+        self.out = out
+        self.interactive = sys.stdin.isatty() if interactive is None else interactive
+
+    async def ask(self, text: str | bytes, stop: asyncio.Event | None = None) -> str | None:
+        """Send one message and wait for the reply to it; None if none came in time."""
+        outbox = self.keys.outbox(PLATFORM)
+        last: Any = await with_retry(
+            "reading the outbox", lambda: self.redis.xrevrange(outbox, count=1), stop=stop
+        )
+        cursor = last[0][0] if last else "0-0"
+        submission = await submit_user_message(
+            self.store,
+            self.queue,
+            self.conversation,
+            text=text,
+            author_id=self.author_id,
+            author_name=self.author_id,
+            message_id=uuid.uuid4().hex,
+            max_chars=self.settings.max_message_chars,
+            stop=stop,
+        )
+        if submission.outcome is Outcome.REJECTED:
+            return submission.reply_text
+        if submission.outcome is Outcome.DUPLICATE:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.reply_timeout_s
+        while (remaining_s := deadline - loop.time()) > 0:
+            if stop is not None and stop.is_set():
+                return None
+            block_ms = int(min(remaining_s, 1.0) * 1000) or 1
+            response: Any = await with_retry(
+                "waiting for a reply",
+                lambda: self.redis.xread({outbox: cursor}, block=block_ms),
+                stop=stop,
+            )
+            for _stream, entries in response or []:
+                for entry_id, fields in entries:
+                    cursor = entry_id
+                    reply = Reply.from_fields(fields)
+                    if (
+                        reply.conversation == self.conversation
+                        and reply.covers_seq >= submission.seq
+                    ):
+                        return reply.text
+        return NO_REPLY
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Chat until end of input, `/quit`, or `stop`."""
+        if self.interactive:
+            self.out.write(
+                "Chat with the support assistant. Type your question; /quit to leave.\n"
+            )
+            self.out.flush()
+        loop = asyncio.get_running_loop()
+        reader = _StdinReader(loop, "you> ", self.interactive)
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                get_line = asyncio.create_task(reader.lines.get())
+                await asyncio.wait({get_line, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not get_line.done():
+                    get_line.cancel()
+                    return
+                line = get_line.result()
+                if line is None or line.strip() in QUIT_WORDS:
+                    return
+                if line.strip():
+                    await self._answer(line, stop)
+                reader.want_next()
+        finally:
+            stop_wait.cancel()
+
+    async def _answer(self, line: str, stop: asyncio.Event) -> None:
+        if self.interactive:
+            self.out.write("bot> …")
+            self.out.flush()
+        reply = await self.ask(line, stop)
+        if reply is None:
+            if self.interactive:
+                self.out.write("\n")
+            return
+        prefix = "\rbot> " if self.interactive else ""
+        self.out.write(f"{prefix}{reply}\n")
+        self.out.flush()

@@ -1,0 +1,1 @@
+"""Platform-neutral core of the chatbot: conversations in Redis, the job queue, generation."""

@@ -1,0 +1,114 @@
+"""Platform-neutral conversation types: the key that names a conversation and its messages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+from urllib.parse import quote, unquote
+
+
+class Role(StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+    HUMAN_AGENT = "human_agent"
+
+
+def _part(value: str) -> str:
+    # ':' separates the parts and braces are Redis Cluster hash tags: neither may appear raw.
+    return quote(value, safe="")
+
+
+@dataclass(frozen=True)
+class ConversationKey:
+    """platform + workspace (Slack team / Discord guild / "dm") + channel + thread.
+
+    `thread` is the Slack thread_ts, the Discord thread or reply-chain root, or "" for a
+    conversation that is the whole channel (a DM, the console).
+    """
+
+    platform: str
+    workspace: str
+    channel: str
+    thread: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.platform or not self.channel:
+            raise ValueError("a conversation needs a platform and a channel")
+
+    @property
+    def id(self) -> str:
+        parts = (self.platform, self.workspace, self.channel, self.thread)
+        return ":".join(_part(p) for p in parts)
+
+    @classmethod
+    def from_id(cls, conversation_id: str) -> ConversationKey:
+        parts = conversation_id.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"not a conversation id: {conversation_id!r}")
+        platform, workspace, channel, thread = (unquote(p) for p in parts)
+        return cls(platform, workspace, channel, thread)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    text: str
+    author_id: str
+    author_name: str
+    message_id: str
+    timestamp: float
+    seq: int = 0  # position among the conversation's messages, given by the store
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = asdict(self)
+        data["role"] = self.role.value
+        return json.dumps(data, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Message:
+        data = json.loads(raw)
+        return cls(
+            role=Role(data["role"]),
+            text=str(data["text"]),
+            author_id=str(data["author_id"]),
+            author_name=str(data["author_name"]),
+            message_id=str(data["message_id"]),
+            timestamp=float(data["timestamp"]),
+            seq=int(data.get("seq", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the worker puts in a platform's outbox for its adapter to post."""
+
+    reply_id: str  # stable across redeliveries: conversation id + the last user seq covered
+    conversation: ConversationKey
+    text: str
+    reply_to: str  # the platform message id of the newest user message answered
+    covers_seq: int
+    kind: str = "answer"  # "answer" or "apology"
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            "reply_id": self.reply_id,
+            "conversation": self.conversation.id,
+            "text": self.text,
+            "reply_to": self.reply_to,
+            "covers_seq": str(self.covers_seq),
+            "kind": self.kind,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Reply:
+        return cls(
+            reply_id=fields["reply_id"],
+            conversation=ConversationKey.from_id(fields["conversation"]),
+            text=fields["text"],
+            reply_to=fields["reply_to"],
+            covers_seq=int(fields["covers_seq"]),
+            kind=fields.get("kind", "answer"),
+        )

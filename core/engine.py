@@ -1,0 +1,53 @@
+"""The generation contract: requests in, generations with a finish reason out.
+
+A transformers model on this machine, a remote OpenAI-compatible server or a test double
+can stand behind `Engine`; the worker knows nothing else about generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+ChatTurn = dict[str, str]  # {"role": ..., "content": ...}, as chat templates expect
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    turns: Sequence[ChatTurn]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    error: str = ""  # for operators only, when finish_reason == "error"
+
+
+class Engine(Protocol):
+    @property
+    def context_tokens(self) -> int:
+        """How many tokens prompt and reply may take together."""
+        ...
+
+    def count_tokens(self, turns: Sequence[ChatTurn]) -> int:
+        """Tokens of the prompt these turns make, generation prompt included."""
+        ...
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """`text` cut to at most `max_tokens` tokens (kept from the start)."""
+        ...
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """One Generation per request, same order. Failures of one request come back as
+        finish_reason "error"; an exception means the whole call failed."""
+        ...
+
+    def close(self) -> None: ...

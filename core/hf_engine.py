@@ -1,0 +1,188 @@
+"""A transformers causal LM behind the `Engine` contract, with dynamic batching.
+
+Requests that arrive together are generated together: prompts are sorted by length, left
+padded into batches of at most `max_batch_size`, and decoded in one `generate` call per
+batch. On this 2-core CPU a batch of 8 gives several times the tokens per second of eight
+one-at-a-time calls (see bench/throughput.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from core.engine import ChatTurn, Generation, GenerationRequest
+from core.model_files import Progress, load_model
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REPETITION_PENALTY = 1.1  # small models loop under plain greedy decoding
+
+
+class TransformersEngine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        context_tokens: int,
+        max_batch_size: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        model_limit = int(getattr(model.config, "max_position_embeddings", context_tokens))
+        self._context_tokens = min(context_tokens, model_limit)
+        self.max_batch_size = max_batch_size
+        self.pad_id = self._pad_id()
+        self.stop_ids = self._stop_ids()
+        self._busy = asyncio.Lock()
+
+    @property
+    def context_tokens(self) -> int:
+        return self._context_tokens
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def _stop_ids(self) -> list[int]:
+        ids: set[int] = set()
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(int(i) for i in configured)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
+            ids.add(end_of_turn)
+        return sorted(ids)
+
+    def encode(self, turns: Sequence[ChatTurn]) -> list[int]:
+        prompt = self.tokenizer.apply_chat_template(
+            list(turns), tokenize=False, add_generation_prompt=True
+        )
+        ids: list[int] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def count_tokens(self, turns: Sequence[ChatTurn]) -> int:
+        return len(self.encode(turns))
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return text
+        kept: str = self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+        return kept
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        async with self._busy:  # one generate at a time: the device is the bottleneck
+            return await asyncio.to_thread(self.generate_sync, requests)
+
+    def generate_sync(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        results: dict[str, Generation] = {}
+        encoded: list[tuple[GenerationRequest, list[int]]] = []
+        for request in requests:
+            try:
+                ids = self.encode(request.turns)
+            except Exception as exc:  # a broken request must not sink its batch
+                log.exception("could not build the prompt for request %s", request.request_id)
+                results[request.request_id] = _failed(request, exc)
+                continue
+            encoded.append((request, ids))
+        encoded.sort(key=lambda item: len(item[1]))
+        for start in range(0, len(encoded), self.max_batch_size):
+            chunk = encoded[start : start + self.max_batch_size]
+            for generation in self._generate_chunk(chunk):
+                results[generation.request_id] = generation
+        return [results[r.request_id] for r in requests]
+
+    def _generate_chunk(
+        self, chunk: list[tuple[GenerationRequest, list[int]]]
+    ) -> list[Generation]:
+        try:
+            return self._generate_batch(chunk)
+        except Exception:
+            if len(chunk) == 1:
+                request = chunk[0][0]
+                log.exception("generation failed for request %s", request.request_id)
+                return [_failed(request, RuntimeError("generation failed"))]
+            log.exception("batched generation of %d requests failed; retrying one by one", len(chunk))
+            return [g for item in chunk for g in self._generate_chunk([item])]
+
+    def _generate_batch(
+        self, chunk: list[tuple[GenerationRequest, list[int]]]
+    ) -> list[Generation]:
+        width = max(len(ids) for _, ids in chunk)
+        input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(chunk):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        max_new = max(request.max_new_tokens for request, _ in chunk)
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                max_new_tokens=max_new,
+                do_sample=False,
+                repetition_penalty=REPETITION_PENALTY,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.stop_ids,
+            )
+        generations = []
+        for row, (request, ids) in enumerate(chunk):
+            new_ids = output[row, width:].tolist()[: request.max_new_tokens]
+            finish: str = "length"
+            for index, token in enumerate(new_ids):
+                if token in self.stop_ids:
+                    new_ids = new_ids[:index]
+                    finish = "stop"
+                    break
+            text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            generations.append(
+                Generation(
+                    request_id=request.request_id,
+                    text=text,
+                    finish_reason="stop" if finish == "stop" else "length",
+                    prompt_tokens=len(ids),
+                    new_tokens=len(new_ids),
+                )
+            )
+        return generations
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _failed(request: GenerationRequest, exc: BaseException) -> Generation:
+    return Generation(
+        request_id=request.request_id,
+        text="",
+        finish_reason="error",
+        error=f"{type(exc).__name__}: {exc}",
+    )
+
+
+def load_engine(settings: Settings, progress: Progress) -> TransformersEngine:
+    """Load the configured model once; raises ModelLoadError with a precise reason."""
+    model, tokenizer, _device = load_model(
+        settings.model, settings.device, settings.dtype, settings.cache_dir, progress
+    )
+    return TransformersEngine(
+        model,
+        tokenizer,
+        context_tokens=settings.context_tokens,
+        max_batch_size=settings.max_batch_size,
+    )

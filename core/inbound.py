@@ -1,0 +1,81 @@
+"""What every adapter does with an incoming user message: clean, dedupe, persist, enqueue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from core.conversation import ConversationKey, Message, Role
+from core.jobs import JobQueue
+from core.redis_conn import with_retry
+from core.store import ConversationStore
+from core.text import EMPTY_MESSAGE_REPLY, clean_user_text
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    QUEUED = "queued"  # stored and waiting for the worker
+    DUPLICATE = "duplicate"  # seen before (platform retry, second replica): nothing to do
+    REJECTED = "rejected"  # nothing usable in it: answer `reply_text` directly
+
+
+@dataclass(frozen=True)
+class Submission:
+    outcome: Outcome
+    seq: int = 0
+    reply_text: str = ""
+    truncated: bool = False
+
+
+async def submit_user_message(
+    store: ConversationStore,
+    queue: JobQueue,
+    conversation: ConversationKey,
+    *,
+    text: str | bytes,
+    author_id: str,
+    author_name: str,
+    message_id: str,
+    max_chars: int,
+    dedupe_id: str | None = None,
+    timestamp: float | None = None,
+    stop: asyncio.Event | None = None,
+) -> Submission:
+    """Persist the message in its conversation and enqueue a job for it, exactly once.
+
+    Safe to call again with the same `dedupe_id` (or `message_id`) after any failure: a
+    message stored but not yet enqueued is enqueued by the retry.
+    """
+    clean = clean_user_text(text, max_chars)
+    if not clean.text:
+        return Submission(Outcome.REJECTED, reply_text=EMPTY_MESSAGE_REPLY)
+    if clean.truncated:
+        log.info(
+            "message %s in %s shortened from %d to %d characters",
+            message_id, conversation.id, clean.original_chars, max_chars,
+        )
+    message = Message(
+        role=Role.USER,
+        text=clean.text,
+        author_id=author_id,
+        author_name=author_name,
+        message_id=message_id,
+        timestamp=time.time() if timestamp is None else timestamp,
+    )
+    dedupe = dedupe_id or message_id
+    added = await with_retry(
+        "storing a message", lambda: store.add_message(conversation, message, dedupe), stop=stop
+    )
+    if not added.is_new and added.queued:
+        return Submission(Outcome.DUPLICATE, seq=added.seq)
+    await with_retry(
+        "enqueueing a job",
+        lambda: queue.enqueue(conversation, added.seq, message_id),
+        stop=stop,
+    )
+    await with_retry("marking a job queued", lambda: store.mark_queued(conversation, dedupe))
+    return Submission(Outcome.QUEUED, seq=added.seq, truncated=clean.truncated)

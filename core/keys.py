@@ -1,0 +1,56 @@
+"""Every Redis key name, stream, group and TTL the project uses, in one place.
+
+Per-conversation keys carry the conversation id in a hash tag (`{...}`) so that Redis Cluster
+keeps one conversation's keys on one shard and the Lua scripts that touch them stay legal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.conversation import ConversationKey
+
+WORKER_GROUP = "workers"
+DEDUPE_TTL_S = 24 * 3600
+JOBS_MAXLEN = 100_000
+OUTBOX_MAXLEN = 10_000
+DEAD_LETTER_MAXLEN = 10_000
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "chatbot"
+
+    @property
+    def jobs(self) -> str:
+        """Stream of inbound jobs, read by the worker consumer group."""
+        return f"{self.namespace}:jobs"
+
+    @property
+    def dead_letter(self) -> str:
+        """Stream of jobs that failed `max_deliveries` times."""
+        return f"{self.namespace}:jobs:dead"
+
+    def outbox(self, platform: str) -> str:
+        """Stream of replies for one platform's adapters."""
+        return f"{self.namespace}:outbox:{platform}"
+
+    def _conversation(self, conversation: ConversationKey) -> str:
+        return f"{self.namespace}:conv:{{{conversation.id}}}"
+
+    def history(self, conversation: ConversationKey) -> str:
+        """List of JSON messages, oldest first, bounded and expiring."""
+        return self._conversation(conversation) + ":history"
+
+    def state(self, conversation: ConversationKey) -> str:
+        """Hash: `seq` (last message number), `answered` (last user seq replied to),
+        `pending_reply` (a committed reply not yet confirmed in the outbox)."""
+        return self._conversation(conversation) + ":state"
+
+    def lock(self, conversation: ConversationKey) -> str:
+        """The worker generating for this conversation holds it (token, expiring)."""
+        return self._conversation(conversation) + ":lock"
+
+    def seen(self, conversation: ConversationKey, message_id: str) -> str:
+        """Dedupe marker of a platform message or event id."""
+        return self._conversation(conversation) + f":seen:{message_id}"

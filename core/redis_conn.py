@@ -1,0 +1,68 @@
+"""Connecting to Redis, and retrying calls while it is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Redis = aioredis.Redis
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced, for log lines."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def connect(url: str) -> Redis:
+    """A client that decodes strings; it connects lazily, so this never blocks."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=15,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+    )
+
+
+async def with_retry(
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    *,
+    stop: asyncio.Event | None = None,
+    max_wait_s: float = 10.0,
+) -> T:
+    """Run `call` until Redis answers, backing off exponentially, logging each failure.
+
+    Gives up only when `stop` is set (shutdown); then the last error is raised.
+    """
+    backoff = ExponentialBackoff(cap=max_wait_s, base=0.2)
+    failures = 0
+    while True:
+        try:
+            result = await call()
+        except TRANSIENT_ERRORS as exc:
+            failures += 1
+            wait_s = backoff.compute(failures)
+            log.warning(
+                "Redis unreachable while %s (%s: %s); retrying in %.1f s (attempt %d)",
+                what, type(exc).__name__, exc, wait_s, failures,
+            )
+            if stop is not None and stop.is_set():
+                raise
+            await asyncio.sleep(wait_s)
+            continue
+        if failures:
+            log.info("Redis reachable again; %s succeeded after %d retries", what, failures)
+        return result

@@ -1,0 +1,125 @@
+"""An embedded `redis-server` child process, for `chatbot run` without REDIS_URL and for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from core.errors import RedisServerError
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _detach_and_die_with_parent() -> None:
+    # Own session: a Ctrl-C in the terminal reaches us, and we stop Redis last, after the
+    # worker has committed. PDEATHSIG: if we are killed outright, Redis does not linger.
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class RedisServer:
+    def __init__(self, data_dir: Path, port: int = 0, *, appendonly: bool = True) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def start(self, timeout_s: float = 15.0) -> str:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(binary).is_file():
+            raise RedisServerError(
+                "redis-server is not installed: run `make run` (it installs it), or "
+                "`apt-get install redis-server`, or set REDIS_URL to an existing Redis"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir.resolve()),
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.log_file.resolve()),
+        ]
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, preexec_fn=_detach_and_die_with_parent
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RedisServerError(
+                        f"redis-server exited at start (code {self.process.returncode}); "
+                        f"its log {self.log_file} ends with: {self._log_tail()}"
+                    )
+                try:
+                    if client.ping():
+                        break
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass
+                # Loading a large AOF answers LOADING (BusyLoadingError, a ConnectionError).
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RedisServerError(
+                        f"redis-server did not answer on port {self.port} within {timeout_s:.0f} s"
+                    )
+                time.sleep(0.05)
+        finally:
+            client.close()
+        log.info("embedded redis-server on port %d, data in %s", self.port, self.data_dir)
+        return self.url
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM: Redis flushes its AOF and exits."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("redis-server did not stop within %.0f s; killing it", timeout_s)
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_file.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-3:]) or "(empty log)"
