@@ -199,11 +199,13 @@ def load_model(
 ) -> tuple[Any, Any, torch.device]:
     """(model, tokenizer, device), ready for inference. Raises ModelLoadError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     device = choose_device(device_setting)
     dtype = choose_dtype(dtype_setting, device)
     source, location = prepare_model(spec, cache_dir, progress)
     started = time.monotonic()
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar; conversion keeps its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)

@@ -131,15 +131,11 @@ class Worker:
                 int(s.reclaim_idle_s * 1000), s.max_batch_size
             ):
                 job = await self._parse(entry_id, fields, deliveries)
-                if job is None:
-                    continue
-                log.warning(
-                    "claimed job %s of %s left idle by another worker (delivery %d)",
-                    entry_id, job.conversation.id, deliveries,
-                )
-                if deliveries > s.max_deliveries:
-                    await self._give_up(job, fields, f"delivered {deliveries - 1} times")
-                else:
+                if job is not None:
+                    log.warning(
+                        "claimed job %s of %s left unfinished (delivery %d)",
+                        entry_id, job.conversation.id, deliveries,
+                    )
                     jobs[entry_id] = job
         room = s.max_batch_size - len(jobs)
         if room > 0:
@@ -153,7 +149,13 @@ class Worker:
                 job = await self._parse(entry_id, fields, 1)
                 if job is not None:
                     jobs[entry_id] = job
-        return list(jobs.values())
+        runnable = []
+        for job in jobs.values():
+            if job.deliveries > s.max_deliveries:
+                await self._give_up(job, f"delivered {job.deliveries - 1} times without success")
+            else:
+                runnable.append(job)
+        return runnable
 
     async def _parse(self, entry_id: str, fields: dict[str, str], deliveries: int) -> Job | None:
         try:
@@ -180,17 +182,23 @@ class Worker:
         self, conversation: ConversationKey, jobs: list[Job]
     ) -> Prepared | None:
         state = await self.store.state(conversation)
-        if state.pending_reply is not None:
-            await self._deliver(state.pending_reply)
-        answered = [j for j in jobs if j.seq <= state.answered]
-        await self.queue.ack([j.entry_id for j in answered])
-        waiting = [j for j in jobs if j.seq > state.answered]
-        if not waiting:
+        if state.pending_reply is None and all(j.seq <= state.answered for j in jobs):
+            await self._ack_answered(conversation, jobs, state.answered)
             return None
         token = uuid.uuid4().hex
         if not await self.store.acquire_lock(conversation, token, self.settings.lock_ttl_s):
-            for job in waiting:  # another worker is answering; look again next step
+            for job in jobs:  # another worker is answering; look again next step
                 self._deferred[job.entry_id] = job
+            return None
+        # Under the lock: a reply committed by a worker that died before it reached the
+        # outbox is delivered now (only here, so two workers never both deliver it).
+        state = await self.store.state(conversation)
+        if state.pending_reply is not None:
+            await self._deliver(state.pending_reply)
+        waiting = [j for j in jobs if j.seq > state.answered]
+        await self._ack_answered(conversation, jobs, state.answered)
+        if not waiting:
+            await self.store.release_lock(conversation, token)
             return None
         history = await self.store.history(conversation)
         users = [m for m in history if m.role is Role.USER]
@@ -211,6 +219,17 @@ class Worker:
         )
         return Prepared(conversation, waiting, token, newest.seq, newest.message_id, request)
 
+    async def _ack_answered(
+        self, conversation: ConversationKey, jobs: list[Job], answered: int
+    ) -> None:
+        done = [j for j in jobs if j.seq <= answered]
+        if done:
+            log.debug(
+                "jobs %s of %s already answered (up to %d): acknowledged",
+                [j.entry_id for j in done], conversation.id, answered,
+            )
+            await self.queue.ack([j.entry_id for j in done])
+
     # -- generating and committing ----------------------------------------------------
 
     async def _generate_and_commit(self, batch: list[Prepared]) -> None:
@@ -218,13 +237,7 @@ class Worker:
             self._in_flight[item.request.request_id] = item
         started = time.monotonic()
         try:
-            try:
-                generations = await self.engine.generate([p.request for p in batch])
-            except Exception as exc:
-                log.exception("generation of a batch of %d failed", len(batch))
-                generations = [
-                    Generation(p.request.request_id, "", "error", error=repr(exc)) for p in batch
-                ]
+            generations = await self._generate([p.request for p in batch])
             elapsed_s = time.monotonic() - started
             new_tokens = sum(g.new_tokens for g in generations)
             log.info(
@@ -236,6 +249,20 @@ class Worker:
         finally:
             for item in batch:
                 self._in_flight.pop(item.request.request_id, None)
+
+    async def _generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """Generations for `requests`; if the batch fails, each is tried alone so that one
+        poison request cannot sink the others."""
+        try:
+            return await self.engine.generate(requests)
+        except Exception as exc:
+            log.exception("generation of a batch of %d requests failed", len(requests))
+            if len(requests) == 1:
+                return [Generation(requests[0].request_id, "", "error", error=repr(exc))]
+        results = []
+        for request in requests:
+            results += await self._generate([request])
+        return results
 
     async def _finish(self, item: Prepared, generation: Generation) -> None:
         try:
@@ -258,6 +285,8 @@ class Worker:
                 message_id=reply.reply_id,
                 timestamp=time.time(),
             )
+            log.debug("committing %s covering %d for jobs %s", reply.reply_id, reply.covers_seq,
+                      [(j.entry_id, j.seq) for j in item.jobs])
             await self._commit(reply, message, [j.entry_id for j in item.jobs])
         finally:
             await with_retry(
@@ -289,33 +318,41 @@ class Worker:
             )
         if max(j.deliveries for j in item.jobs) >= self.settings.max_deliveries:
             newest = max(item.jobs, key=lambda j: j.seq)
-            fields = {"conversation": newest.conversation.id, "seq": str(newest.seq),
-                      "message_id": newest.message_id}
-            for job in item.jobs:
-                if job is not newest:
-                    await self.queue.ack([job.entry_id])
-            await self._give_up(newest, fields, error)
+            await self.queue.ack([j.entry_id for j in item.jobs if j is not newest])
+            await self._give_up(newest, error, lock_token=item.lock_token)
         # Otherwise the jobs stay pending; after reclaim_idle_s a worker claims them again.
 
-    async def _give_up(self, job: Job, fields: dict[str, str], reason: str) -> None:
-        """Dead-letter a job and apologise to the user, once."""
-        log.error("job %s of %s moved to dead letters: %s", job.entry_id, job.conversation.id, reason)
-        apology = Reply(
-            reply_id=f"{job.conversation.id}:{job.seq}",
-            conversation=job.conversation,
-            text=POLITE_FAILURE,
-            reply_to=job.message_id,
-            covers_seq=job.seq,
-            kind="apology",
-        )
-        committed = await with_retry(
-            "committing an apology", lambda: self.store.commit_reply(apology, None)
-        )
-        if committed:
-            await self._deliver(apology)
-        await with_retry(
-            "dead-lettering a job", lambda: self.queue.dead_letter(job.entry_id, fields, reason)
-        )
+    async def _give_up(self, job: Job, reason: str, lock_token: str | None = None) -> None:
+        """Dead-letter a job and apologise to the user, once, under the conversation lock."""
+        conversation = job.conversation
+        token = lock_token or uuid.uuid4().hex
+        if lock_token is None and not await self.store.acquire_lock(
+            conversation, token, self.settings.lock_ttl_s
+        ):
+            self._deferred[job.entry_id] = job  # its conversation is busy: next step
+            return
+        try:
+            log.error("job %s of %s moved to dead letters: %s", job.entry_id, conversation.id, reason)
+            apology = Reply(
+                reply_id=f"{conversation.id}:{job.seq}",
+                conversation=conversation,
+                text=POLITE_FAILURE,
+                reply_to=job.message_id,
+                covers_seq=job.seq,
+                kind="apology",
+            )
+            committed = await with_retry(
+                "committing an apology", lambda: self.store.commit_reply(apology, None)
+            )
+            if committed:
+                await self._deliver(apology)
+            fields = {"conversation": conversation.id, "seq": str(job.seq), "message_id": job.message_id}
+            await with_retry(
+                "dead-lettering a job", lambda: self.queue.dead_letter(job.entry_id, fields, reason)
+            )
+        finally:
+            if lock_token is None:
+                await self.store.release_lock(conversation, token)
 
     # -- keeping claims alive ---------------------------------------------------------
 

@@ -1,0 +1,109 @@
+"""Shared fixtures: one real redis-server per session, settings, engines."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from core.hf_engine import TransformersEngine
+from core.keys import Keys
+from core.model_files import prepare_model
+from core.redis_server import RedisServer
+from core.settings import Settings
+
+CACHE_DIR = Path.home() / ".cache" / "chatbot"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_settings(redis_server: RedisServer, namespace: str, tmp_path: Path) -> Any:
+    def make(**overrides: str) -> Settings:
+        values = {
+            "REDIS_URL": redis_server.url,
+            "CHATBOT_NAMESPACE": namespace,
+            "CHATBOT_DATA_DIR": str(tmp_path / "data"),
+            "CHATBOT_CACHE_DIR": str(CACHE_DIR),
+            "CHATBOT_MAX_NEW_TOKENS": "8",
+            "CHATBOT_CONTEXT_TOKENS": "512",
+            "CHATBOT_BATCH_WAIT_MS": "1",
+        }
+        values.update(overrides)
+        return Settings.from_mapping(values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Any) -> Settings:
+    result: Settings = make_settings()
+    return result
+
+
+@pytest.fixture
+def keys(namespace: str) -> Keys:
+    return Keys(namespace)
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The bundled SmolLM2, converted once (about 20 s on a fresh machine) and cached."""
+    _source, location = prepare_model("", CACHE_DIR, print)
+    return Path(location)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(model_dir: Path) -> TransformersEngine:
+    """A random-weight two-layer Llama with the bundled model's real tokenizer: fast, and
+    the same code path as the real engine (chat template, padding, batching)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return TransformersEngine(model, tokenizer, context_tokens=512, max_batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def bundled_engine(model_dir: Path) -> TransformersEngine:
+    from core.hf_engine import load_engine
+
+    settings = Settings.from_mapping(
+        {"CHATBOT_CACHE_DIR": str(CACHE_DIR), "CHATBOT_MAX_NEW_TOKENS": "48"}
+    )
+    return load_engine(settings, print)

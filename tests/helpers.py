@@ -1,0 +1,92 @@
+"""Small test doubles and waiting helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from core.conversation import ConversationKey, Reply
+from core.engine import ChatTurn, Generation, GenerationRequest
+from core.hf_engine import TransformersEngine
+from core.inbound import Submission, submit_user_message
+from core.jobs import JobQueue
+from core.keys import Keys
+from core.settings import Settings
+from core.store import ConversationStore
+
+
+class RecordingEngine:
+    """The real engine, recording each batch it is given; requests whose last user turn
+    contains `fail_marker` raise, as a poison job would."""
+
+    def __init__(self, inner: TransformersEngine, fail_marker: str = "") -> None:
+        self.inner = inner
+        self.batches: list[list[GenerationRequest]] = []
+        self.fail_marker = fail_marker
+
+    @property
+    def context_tokens(self) -> int:
+        return self.inner.context_tokens
+
+    def count_tokens(self, turns: Sequence[ChatTurn]) -> int:
+        return self.inner.count_tokens(turns)
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return self.inner.truncate(text, max_tokens)
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        self.batches.append(list(requests))
+        if self.fail_marker and any(self.fail_marker in r.turns[-1]["content"] for r in requests):
+            raise RuntimeError("poisoned request")
+        return await self.inner.generate(requests)
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [r for batch in self.batches for r in batch]
+
+
+def make_store(redis: Any, settings: Settings) -> ConversationStore:
+    return ConversationStore(
+        redis,
+        Keys(settings.namespace),
+        max_messages=settings.history_max_messages,
+        ttl_s=settings.history_ttl_s,
+    )
+
+
+async def submit(
+    redis: Any, settings: Settings, conversation: ConversationKey, text: str, message_id: str,
+    author: str = "u1",
+) -> Submission:
+    keys = Keys(settings.namespace)
+    return await submit_user_message(
+        make_store(redis, settings),
+        JobQueue(redis, keys),
+        conversation,
+        text=text,
+        author_id=author,
+        author_name=author.upper(),
+        message_id=message_id,
+        max_chars=settings.max_message_chars,
+    )
+
+
+async def outbox(redis: Any, settings: Settings, platform: str = "test") -> list[Reply]:
+    entries = await redis.xrange(Keys(settings.namespace).outbox(platform))
+    return [Reply.from_fields(fields) for _, fields in entries]
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -1,0 +1,86 @@
+from typing import Any
+
+from core.conversation import ConversationKey, Message, Reply, Role
+from core.keys import Keys
+from core.settings import Settings
+from tests.helpers import make_store
+
+CONV = ConversationKey("slack", "T1", "C1", "1700000000.000100")
+
+
+def message(message_id: str, text: str = "hello", role: Role = Role.USER) -> Message:
+    return Message(role, text, "U1", "Ann", message_id, 1_700_000_000.5)
+
+
+def test_conversation_id_round_trips_and_escapes_separators() -> None:
+    odd = ConversationKey("discord", "g:1", "c{2}", "")
+    assert ConversationKey.from_id(odd.id) == odd
+    assert ":" not in odd.id.split(":")[1]
+    assert "{" not in odd.id
+
+
+async def test_messages_are_numbered_and_deduplicated(redis: Any, settings: Settings) -> None:
+    store = make_store(redis, settings)
+    first = await store.add_message(CONV, message("m1"))
+    second = await store.add_message(CONV, message("m2", "again"))
+    again = await store.add_message(CONV, message("m1"))
+    assert (first.seq, first.is_new) == (1, True)
+    assert (second.seq, second.is_new) == (2, True)
+    assert (again.seq, again.is_new, again.queued) == (1, False, False)
+    await store.mark_queued(CONV, "m1")
+    assert (await store.add_message(CONV, message("m1"))).queued
+    history = await store.history(CONV)
+    assert [(m.message_id, m.seq, m.text) for m in history] == [("m1", 1, "hello"), ("m2", 2, "again")]
+    assert history[0].author_name == "Ann" and history[0].timestamp == 1_700_000_000.5
+
+
+async def test_a_separate_dedupe_id_is_honoured(redis: Any, settings: Settings) -> None:
+    store = make_store(redis, settings)
+    assert (await store.add_message(CONV, message("m1"), dedupe_id="Ev1")).is_new
+    assert not (await store.add_message(CONV, message("m1-copy"), dedupe_id="Ev1")).is_new
+
+
+async def test_history_is_bounded_and_expires(redis: Any, make_settings: Any) -> None:
+    settings = make_settings(CHATBOT_HISTORY_MAX_MESSAGES="3", CHATBOT_HISTORY_TTL_S="120")
+    store = make_store(redis, settings)
+    for i in range(5):
+        await store.add_message(CONV, message(f"m{i}", f"text {i}"))
+    history = await store.history(CONV)
+    assert [m.text for m in history] == ["text 2", "text 3", "text 4"]
+    keys = Keys(settings.namespace)
+    assert 0 < await redis.ttl(keys.history(CONV)) <= 120
+    assert 0 < await redis.ttl(keys.state(CONV)) <= 120
+    assert 0 < await redis.ttl(keys.seen(CONV, "m4")) <= 24 * 3600
+
+
+async def test_unicode_survives_the_lua_round_trip(redis: Any, settings: Settings) -> None:
+    store = make_store(redis, settings)
+    text = 'Grüße 👋 "quoted" \\ back/slash\nnew line'
+    await store.add_message(CONV, message("m1", text))
+    assert (await store.history(CONV))[0].text == text
+
+
+async def test_a_reply_commits_once_and_waits_until_delivered(redis: Any, settings: Settings) -> None:
+    store = make_store(redis, settings)
+    await store.add_message(CONV, message("m1"))
+    reply = Reply("r1", CONV, "Hi Ann", "m1", covers_seq=1)
+    answer = message("r1", "Hi Ann", Role.ASSISTANT)
+    assert await store.commit_reply(reply, answer)
+    assert not await store.commit_reply(reply, answer)  # a redelivered job: no second reply
+    state = await store.state(CONV)
+    assert (state.seq, state.answered, state.pending_reply) == (2, 1, reply)
+    await store.clear_pending(reply)
+    assert (await store.state(CONV)).pending_reply is None
+    assert [m.role for m in await store.history(CONV)] == [Role.USER, Role.ASSISTANT]
+
+
+async def test_locks_belong_to_their_holder(redis: Any, settings: Settings) -> None:
+    store = make_store(redis, settings)
+    assert await store.acquire_lock(CONV, "a", 5)
+    assert not await store.acquire_lock(CONV, "b", 5)
+    assert not await store.renew_lock(CONV, "b", 5)
+    await store.release_lock(CONV, "b")  # not b's: stays
+    assert not await store.acquire_lock(CONV, "b", 5)
+    assert await store.renew_lock(CONV, "a", 5)
+    await store.release_lock(CONV, "a")
+    assert await store.acquire_lock(CONV, "b", 5)
