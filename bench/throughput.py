@@ -429,6 +429,7 @@ def machine_info(engine: FixedLengthEngine) -> dict[str, Any]:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "device": str(device),
         "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
     }
@@ -556,6 +557,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"engine batches {[c[0] for c in engine.calls]} took {worker.engine_seconds:.2f} s"
             )
 
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(
+        f"Load average (1, 5, 15 min) at start {info['load_average_at_start']}, at end "
+        f"{info['load_average_at_end']}: other busy processes would skew these figures"
+    )
     worker_json = worker.to_json() if worker else {"error": worker_error} if worker_error else None
     out = args.out or RESULTS_DIR / f"throughput-{engine.device.type}-{info['dtype']}.json"
     write_json(

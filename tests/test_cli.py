@@ -1,0 +1,115 @@
+"""The `chatbot` command end to end: real processes, real Redis, the bundled SmolLM2."""
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from core.redis_server import RedisServer
+from tests.processes import chatbot, chatbot_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_answers_piped_questions_with_the_bundled_model(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    env = chatbot_env(CHATBOT_DATA_DIR=str(tmp_path / "data"), CHATBOT_MAX_NEW_TOKENS="48")
+    proc = chatbot(["run"], env, tmp_path, stdin=subprocess.PIPE)
+    out, err = proc.communicate(
+        "Hello! How do I reset my password?\n\n   \nThank you. Can I change my e-mail address too?\n",
+        timeout=300,
+    )
+    assert proc.returncode == 0, err
+    assert len(out.strip()) > 20, out
+    assert "Traceback" not in out + err
+    assert "no answer came in time" not in out
+    redis_dir = tmp_path / "data" / "redis"
+    assert any(redis_dir.rglob("*.aof*")), "the embedded Redis keeps an append-only file"
+    assert not (tmp_path / "data" / "redis.url").exists()  # cleaned up at exit
+    log = (tmp_path / "data" / "chatbot.log").read_text()
+    assert log.count("generated 1 replies") == 2  # one per question; blank lines ignored
+    assert "stopped after posting 2 replies" in log
+
+
+def test_worker_and_chat_talk_through_redis(
+    tmp_path: Path, redis_server: RedisServer, namespace: str, model_dir: Path
+) -> None:
+    env = chatbot_env(
+        REDIS_URL=redis_server.url, CHATBOT_NAMESPACE=namespace, CHATBOT_MAX_NEW_TOKENS="48"
+    )
+    worker = chatbot(["worker"], env, tmp_path)
+    try:
+        chat = chatbot(["chat", "--conversation", "e2e"], env, tmp_path, stdin=subprocess.PIPE)
+        out, err = chat.communicate("What are your opening hours?\n", timeout=300)
+        assert chat.returncode == 0, err
+        assert out.strip() and "Sorry, no answer came in time" not in out
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, worker_err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, worker_err
+    assert "stopped after posting 1 replies" in worker_err
+
+
+def test_run_stops_cleanly_on_sigterm(tmp_path: Path, model_dir: Path) -> None:
+    env = chatbot_env(CHATBOT_DATA_DIR=str(tmp_path / "data"))
+    proc = chatbot(["run"], env, tmp_path, stdin=subprocess.PIPE)
+    url_file = tmp_path / "data" / "redis.url"
+    deadline = time.monotonic() + 60
+    while not url_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    port = int(url_file.read_text().strip().rsplit(":", 1)[1].split("/")[0])
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    check = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True)
+    assert "PONG" not in check.stdout, "the embedded redis-server was left running"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CHATBOT_MODEL": "/nonexistent/model"}, "no such model directory"),
+        ({"CHATBOT_MODEL": "missing.gguf"}, "no such GGUF file"),
+        ({"CHATBOT_MAX_NEW_TOKEN": "5"}, "did you mean CHATBOT_MAX_NEW_TOKENS"),
+        ({"CHATBOT_DEVICE": "cuda:7"}, "CHATBOT_DEVICE=cuda:7"),
+    ],
+)
+def test_worker_refuses_bad_settings_with_a_precise_message(
+    tmp_path: Path, redis_server: RedisServer, env: dict[str, str], message: str
+) -> None:
+    proc = chatbot(["worker"], chatbot_env(REDIS_URL=redis_server.url, **env), tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_a_model_that_fails_to_load_stops_the_worker(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    env = chatbot_env(REDIS_URL=redis_server.url, CHATBOT_MODEL=str(broken))
+    proc = chatbot(["worker"], env, tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert f"could not load model {broken}" in err
+
+
+def test_adapters_not_yet_built_say_so(tmp_path: Path) -> None:
+    proc = chatbot(["slack"], chatbot_env(), tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "issue #3" in err
+
+
+def test_chat_without_redis_explains_what_to_do(tmp_path: Path) -> None:
+    proc = chatbot(["chat"], chatbot_env(CHATBOT_DATA_DIR=str(tmp_path)), tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "REDIS_URL is not set" in err
