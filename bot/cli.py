@@ -9,8 +9,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from bot.console import ConsoleChat
 from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
@@ -73,7 +74,9 @@ def _install_stop_handlers(stop: asyncio.Event) -> None:
         if stop.is_set():
             log.error("second %s: exiting without draining", signal.Signals(signum).name)
             os._exit(EXIT_FAILURE)
-        log.warning("%s received: finishing in-flight work, then stopping", signal.Signals(signum).name)
+        log.warning(
+            "%s received: finishing in-flight work, then stopping", signal.Signals(signum).name
+        )
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -146,21 +149,19 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             ("Discord", settings.discord_configured),
         ):
             if configured:
-                log.error("%s credentials are set, but the %s adapter is not in this release yet", name, name)
+                log.error(
+                    "%s credentials are set, but the %s adapter is not in this release yet",
+                    name,
+                    name,
+                )
         if not (settings.slack_configured or settings.discord_configured):
             chat = ConsoleChat(redis, settings, conversation=args.conversation)
             tasks["console"] = asyncio.create_task(chat.run(stop))
         stop_wait = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait(
-            {*tasks.values(), stop_wait}, return_when=asyncio.FIRST_COMPLETED
-        )
-        stop.set()
-        for name, task in tasks.items():
-            if task in done and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+        await asyncio.wait({*tasks.values(), stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop.set()  # one part ended (console at end of input, or a failure): stop the rest
+        for result in await asyncio.gather(*tasks.values(), return_exceptions=True):
+            if isinstance(result, Exception):
                 raise result
     finally:
         stop.set()
@@ -193,7 +194,7 @@ async def cmd_not_yet(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_CONFIG
 
 
-Command = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 COMMANDS: dict[str, tuple[Command, str]] = {
     "run": (cmd_run, "everything in one process group: Redis, a worker, the adapters, the console"),
@@ -214,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name in ("run", "chat"):
             command.add_argument(
-                "--conversation", default="default",
+                "--conversation",
+                default="default",
                 help="name of the console conversation to continue (default: %(default)s)",
             )
         if name == "slack":

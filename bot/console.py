@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import uuid
+from functools import partial
 from typing import Any, TextIO
 
 from core.conversation import ConversationKey, Reply
@@ -122,9 +123,7 @@ class ConsoleChat:
                 return None
             block_ms = int(min(remaining_s, 1.0) * 1000) or 1
             response: Any = await with_retry(
-                "waiting for a reply",
-                lambda: self.redis.xread({outbox: cursor}, block=block_ms),
-                stop=stop,
+                "waiting for a reply", partial(self._read_outbox, cursor, block_ms), stop=stop
             )
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
@@ -137,12 +136,13 @@ class ConsoleChat:
                         return reply.text
         return NO_REPLY
 
+    async def _read_outbox(self, after: str, block_ms: int) -> Any:
+        return await self.redis.xread({self.keys.outbox(PLATFORM): after}, block=block_ms)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Chat until end of input, `/quit`, or `stop`."""
         if self.interactive:
-            self.out.write(
-                "Chat with the support assistant. Type your question; /quit to leave.\n"
-            )
+            self.out.write("Chat with the support assistant. Type your question; /quit to leave.\n")
             self.out.flush()
         loop = asyncio.get_running_loop()
         reader = _StdinReader(loop, "you> ", self.interactive)

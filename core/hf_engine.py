@@ -106,9 +106,7 @@ class TransformersEngine:
                 results[generation.request_id] = generation
         return [results[r.request_id] for r in requests]
 
-    def _generate_chunk(
-        self, chunk: list[tuple[GenerationRequest, list[int]]]
-    ) -> list[Generation]:
+    def _generate_chunk(self, chunk: list[tuple[GenerationRequest, list[int]]]) -> list[Generation]:
         try:
             return self._generate_batch(chunk)
         except Exception:
@@ -116,12 +114,12 @@ class TransformersEngine:
                 request = chunk[0][0]
                 log.exception("generation failed for request %s", request.request_id)
                 return [_failed(request, RuntimeError("generation failed"))]
-            log.exception("batched generation of %d requests failed; retrying one by one", len(chunk))
+            log.exception(
+                "batched generation of %d requests failed; retrying one by one", len(chunk)
+            )
             return [g for item in chunk for g in self._generate_chunk([item])]
 
-    def _generate_batch(
-        self, chunk: list[tuple[GenerationRequest, list[int]]]
-    ) -> list[Generation]:
+    def _generate_batch(self, chunk: list[tuple[GenerationRequest, list[int]]]) -> list[Generation]:
         width = max(len(ids) for _, ids in chunk)
         input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)

@@ -56,7 +56,10 @@ async def submit_user_message(
     if clean.truncated:
         log.info(
             "message %s in %s shortened from %d to %d characters",
-            message_id, conversation.id, clean.original_chars, max_chars,
+            message_id,
+            conversation.id,
+            clean.original_chars,
+            max_chars,
         )
     message = Message(
         role=Role.USER,

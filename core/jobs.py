@@ -58,10 +58,7 @@ class JobQueue:
             "message_id": message_id,
             "enqueued_at": f"{time.time():.3f}",
         }
-        entry_id: str = await self.redis.xadd(
-            self.keys.jobs, fields, maxlen=JOBS_MAXLEN, approximate=True  # type: ignore[arg-type]
-        )
-        return entry_id
+        return await self._xadd(self.keys.jobs, fields, JOBS_MAXLEN)
 
     async def read_new(self, count: int, block_ms: int | None) -> list[Entry]:
         """Up to `count` new jobs, waiting up to `block_ms` (None: do not wait)."""
@@ -72,7 +69,9 @@ class JobQueue:
             return []
         return [(entry_id, fields) for entry_id, fields in response[0][1]]
 
-    async def claim_stale(self, min_idle_ms: int, count: int) -> list[tuple[str, dict[str, str], int]]:
+    async def claim_stale(
+        self, min_idle_ms: int, count: int
+    ) -> list[tuple[str, dict[str, str], int]]:
         """Take over jobs another consumer left unacknowledged for `min_idle_ms`.
 
         Returns (entry id, fields, deliveries counting this one). Entries whose data was
@@ -84,15 +83,16 @@ class JobQueue:
         if not pending:
             return []
         deliveries = {p["message_id"]: int(p["times_delivered"]) + 1 for p in pending}
+        ids: list[Any] = list(deliveries)
         claimed: Any = await self.redis.xclaim(
-            self.keys.jobs, WORKER_GROUP, self.consumer, min_idle_ms, list(deliveries)
+            self.keys.jobs, WORKER_GROUP, self.consumer, min_idle_ms, ids
         )
         out = []
         for entry_id, fields in claimed:
             out.append((entry_id, fields or {}, deliveries.get(entry_id, 1)))
         return out
 
-    async def touch(self, entry_ids: list[str]) -> None:
+    async def touch(self, entry_ids: list[Any]) -> None:
         """Reset the idle time of jobs this consumer is still working on."""
         if entry_ids:
             await self.redis.xclaim(
@@ -110,16 +110,15 @@ class JobQueue:
             "reason": reason,
             "failed_at": f"{time.time():.3f}",
         }
-        await self.redis.xadd(
-            self.keys.dead_letter, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True  # type: ignore[arg-type]
-        )
+        await self._xadd(self.keys.dead_letter, record, DEAD_LETTER_MAXLEN)
         await self.ack([entry_id])
 
     async def publish(self, reply: Reply) -> str:
-        entry_id: str = await self.redis.xadd(
-            self.keys.outbox(reply.conversation.platform),
-            reply.to_fields(),  # type: ignore[arg-type]
-            maxlen=OUTBOX_MAXLEN,
-            approximate=True,
+        return await self._xadd(
+            self.keys.outbox(reply.conversation.platform), reply.to_fields(), OUTBOX_MAXLEN
         )
-        return entry_id
+
+    async def _xadd(self, stream: str, fields: dict[str, str], maxlen: int) -> str:
+        values: dict[Any, Any] = dict(fields)
+        entry_id = await self.redis.xadd(stream, values, maxlen=maxlen, approximate=True)
+        return str(entry_id)

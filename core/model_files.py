@@ -166,7 +166,7 @@ def convert_gguf(gguf: Path, cache_dir: Path, progress: Progress) -> Path:
         try:
             with _ticker(progress, "converting the model"):
                 tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-                model = AutoModelForCausalLM.from_pretrained(
+                model: Any = AutoModelForCausalLM.from_pretrained(
                     str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
                 )
                 # A GGUF-loaded model refuses save_pretrained as "quantized"; its weights are
@@ -199,7 +199,9 @@ def load_model(
 ) -> tuple[Any, Any, torch.device]:
     """(model, tokenizer, device), ready for inference. Raises ModelLoadError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging_module
+
+    hf_logging: Any = hf_logging_module
 
     device = choose_device(device_setting)
     dtype = choose_dtype(dtype_setting, device)
@@ -207,8 +209,8 @@ def load_model(
     started = time.monotonic()
     hf_logging.disable_progress_bar()  # a sub-second load needs no bar; conversion keeps its own
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        tokenizer: Any = AutoTokenizer.from_pretrained(location)
+        model: Any = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except Exception as exc:
         hint = ""
         if source.kind == "hub":
@@ -227,6 +229,9 @@ def load_model(
     model.eval()
     log.info(
         "model %s loaded on %s as %s in %.2f s",
-        source.label, device, str(dtype).removeprefix("torch."), time.monotonic() - started,
+        source.label,
+        device,
+        str(dtype).removeprefix("torch."),
+        time.monotonic() - started,
     )
     return model, tokenizer, device

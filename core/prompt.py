@@ -27,7 +27,9 @@ def history_turns(history: Sequence[Message]) -> list[ChatTurn]:
     for message in history:
         if message.role is Role.USER:
             role = "user"
-            content = f"{message.author_name}: {message.text}" if len(speakers) > 1 else message.text
+            content = (
+                f"{message.author_name}: {message.text}" if len(speakers) > 1 else message.text
+            )
         elif message.role is Role.HUMAN_AGENT:
             role, content = "assistant", f"(Human agent {message.author_name}) {message.text}"
         elif message.role is Role.ASSISTANT:

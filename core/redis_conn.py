@@ -57,7 +57,11 @@ async def with_retry(
             wait_s = backoff.compute(failures)
             log.warning(
                 "Redis unreachable while %s (%s: %s); retrying in %.1f s (attempt %d)",
-                what, type(exc).__name__, exc, wait_s, failures,
+                what,
+                type(exc).__name__,
+                exc,
+                wait_s,
+                failures,
             )
             if stop is not None and stop.is_set():
                 raise

@@ -141,9 +141,7 @@ class Settings:
     slack_app_token: str | None = _env("SLACK_APP_TOKEN", _secret, default=None)
     slack_api_url: str = _env("SLACK_API_URL", _http_url, default="https://slack.com/api/")
     discord_token: str | None = _env("DISCORD_TOKEN", _secret, default=None)
-    discord_api_url: str = _env(
-        "DISCORD_API_URL", _http_url, default="https://discord.com/api/v10"
-    )
+    discord_api_url: str = _env("DISCORD_API_URL", _http_url, default="https://discord.com/api/v10")
     discord_gateway_url: str = _env(
         "DISCORD_GATEWAY_URL", _ws_url, default="wss://gateway.discord.gg/"
     )
@@ -190,7 +188,9 @@ class Settings:
                 close = difflib.get_close_matches(name, list(known), n=1)
                 hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
             raise SettingsError(
-                "unknown setting(s): " + ", ".join(hints) + ". Known CHATBOT_* settings: "
+                "unknown setting(s): "
+                + ", ".join(hints)
+                + ". Known CHATBOT_* settings: "
                 + ", ".join(sorted(k for k in known if k.startswith("CHATBOT_")))
             )
         kwargs: dict[str, Any] = {}

@@ -98,9 +98,7 @@ class ConversationState:
 
 
 class ConversationStore:
-    def __init__(
-        self, redis: Redis, keys: Keys, *, max_messages: int, ttl_s: int
-    ) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, max_messages: int, ttl_s: int) -> None:
         self.redis = redis
         self.keys = keys
         self.max_messages = max_messages
@@ -124,9 +122,7 @@ class ConversationStore:
         )
         return AddResult(seq=int(seq), is_new=bool(is_new), queued=bool(queued))
 
-    async def mark_queued(
-        self, conversation: ConversationKey, dedupe_id: str
-    ) -> None:
+    async def mark_queued(self, conversation: ConversationKey, dedupe_id: str) -> None:
         await self._mark_queued(keys=[self.keys.seen(conversation, dedupe_id)])
 
     async def history(self, conversation: ConversationKey) -> list[Message]:
@@ -162,9 +158,7 @@ class ConversationStore:
         return bool(committed)
 
     async def clear_pending(self, reply: Reply) -> None:
-        await self._clear_pending(
-            keys=[self.keys.state(reply.conversation)], args=[reply.reply_id]
-        )
+        await self._clear_pending(keys=[self.keys.state(reply.conversation)], args=[reply.reply_id])
 
     async def acquire_lock(self, conversation: ConversationKey, token: str, ttl_s: float) -> bool:
         key = self.keys.lock(conversation)

@@ -96,7 +96,9 @@ class Worker:
                     wait_s = min(0.2 * 2**failures, 10.0)
                     log.warning(
                         "Redis unreachable (%s: %s); worker retrying in %.1f s",
-                        type(exc).__name__, exc, wait_s,
+                        type(exc).__name__,
+                        exc,
+                        wait_s,
                     )
                     await asyncio.sleep(wait_s)
                 except ResponseError as exc:
@@ -106,7 +108,9 @@ class Worker:
                     await self.queue.ensure_group()
         finally:
             heartbeat.cancel()
-            log.info("worker %s stopped after posting %d replies", self.consumer, self.replies_posted)
+            log.info(
+                "worker %s stopped after posting %d replies", self.consumer, self.replies_posted
+            )
 
     async def step(self) -> int:
         """Collect a batch of jobs, answer them, and return how many jobs were handled."""
@@ -134,7 +138,9 @@ class Worker:
                 if job is not None:
                     log.warning(
                         "claimed job %s of %s left unfinished (delivery %d)",
-                        entry_id, job.conversation.id, deliveries,
+                        entry_id,
+                        job.conversation.id,
+                        deliveries,
                     )
                     jobs[entry_id] = job
         room = s.max_batch_size - len(jobs)
@@ -205,13 +211,16 @@ class Worker:
         if not users or users[-1].seq < max(j.seq for j in waiting):
             log.error(
                 "conversation %s has no stored message for jobs %s (expired?); dropping them",
-                conversation.id, [j.entry_id for j in waiting],
+                conversation.id,
+                [j.entry_id for j in waiting],
             )
             await self.queue.ack([j.entry_id for j in waiting])
             await self.store.release_lock(conversation, token)
             return None
         newest = users[-1]
-        turns = build_prompt(self.settings.persona, history, self.engine, self.settings.max_new_tokens)
+        turns = build_prompt(
+            self.settings.persona, history, self.engine, self.settings.max_new_tokens
+        )
         request = GenerationRequest(
             request_id=f"{conversation.id}:{newest.seq}",
             turns=turns,
@@ -226,7 +235,9 @@ class Worker:
         if done:
             log.debug(
                 "jobs %s of %s already answered (up to %d): acknowledged",
-                [j.entry_id for j in done], conversation.id, answered,
+                [j.entry_id for j in done],
+                conversation.id,
+                answered,
             )
             await self.queue.ack([j.entry_id for j in done])
 
@@ -242,7 +253,10 @@ class Worker:
             new_tokens = sum(g.new_tokens for g in generations)
             log.info(
                 "generated %d replies, %d tokens in %.2f s (%.1f tok/s)",
-                len(batch), new_tokens, elapsed_s, new_tokens / max(elapsed_s, 1e-9),
+                len(batch),
+                new_tokens,
+                elapsed_s,
+                new_tokens / max(elapsed_s, 1e-9),
             )
             for item, generation in zip(batch, generations, strict=True):
                 await self._finish(item, generation)
@@ -285,8 +299,12 @@ class Worker:
                 message_id=reply.reply_id,
                 timestamp=time.time(),
             )
-            log.debug("committing %s covering %d for jobs %s", reply.reply_id, reply.covers_seq,
-                      [(j.entry_id, j.seq) for j in item.jobs])
+            log.debug(
+                "committing %s covering %d for jobs %s",
+                reply.reply_id,
+                reply.covers_seq,
+                [(j.entry_id, j.seq) for j in item.jobs],
+            )
             await self._commit(reply, message, [j.entry_id for j in item.jobs])
         finally:
             await with_retry(
@@ -313,7 +331,10 @@ class Worker:
         for job in item.jobs:
             log.error(
                 "job %s of %s failed (delivery %d of %d): %s",
-                job.entry_id, job.conversation.id, job.deliveries, self.settings.max_deliveries,
+                job.entry_id,
+                job.conversation.id,
+                job.deliveries,
+                self.settings.max_deliveries,
                 error,
             )
         if max(j.deliveries for j in item.jobs) >= self.settings.max_deliveries:
@@ -332,7 +353,9 @@ class Worker:
             self._deferred[job.entry_id] = job  # its conversation is busy: next step
             return
         try:
-            log.error("job %s of %s moved to dead letters: %s", job.entry_id, conversation.id, reason)
+            log.error(
+                "job %s of %s moved to dead letters: %s", job.entry_id, conversation.id, reason
+            )
             apology = Reply(
                 reply_id=f"{conversation.id}:{job.seq}",
                 conversation=conversation,
@@ -346,7 +369,11 @@ class Worker:
             )
             if committed:
                 await self._deliver(apology)
-            fields = {"conversation": conversation.id, "seq": str(job.seq), "message_id": job.message_id}
+            fields = {
+                "conversation": conversation.id,
+                "seq": str(job.seq),
+                "message_id": job.message_id,
+            }
             await with_retry(
                 "dead-lettering a job", lambda: self.queue.dead_letter(job.entry_id, fields, reason)
             )
@@ -370,4 +397,3 @@ class Worker:
                 await self.queue.touch(entry_ids)
             except TRANSIENT_ERRORS as exc:
                 log.warning("heartbeat could not reach Redis: %s", exc)
-

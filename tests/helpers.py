@@ -60,7 +60,11 @@ def make_store(redis: Any, settings: Settings) -> ConversationStore:
 
 
 async def submit(
-    redis: Any, settings: Settings, conversation: ConversationKey, text: str, message_id: str,
+    redis: Any,
+    settings: Settings,
+    conversation: ConversationKey,
+    text: str,
+    message_id: str,
     author: str = "u1",
 ) -> Submission:
     keys = Keys(settings.namespace)

@@ -24,7 +24,9 @@ def chatbot_env(**values: str) -> dict[str, str]:
     return env
 
 
-def chatbot(args: list[str], env: dict[str, str], cwd: Path, **kwargs: Any) -> subprocess.Popen[str]:
+def chatbot(
+    args: list[str], env: dict[str, str], cwd: Path, **kwargs: Any
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "bot.cli", *args],
         env=env,

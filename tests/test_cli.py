@@ -19,7 +19,8 @@ def test_run_answers_piped_questions_with_the_bundled_model(
     env = chatbot_env(CHATBOT_DATA_DIR=str(tmp_path / "data"), CHATBOT_MAX_NEW_TOKENS="48")
     proc = chatbot(["run"], env, tmp_path, stdin=subprocess.PIPE)
     out, err = proc.communicate(
-        "Hello! How do I reset my password?\n\n   \nThank you. Can I change my e-mail address too?\n",
+        "Hello! How do I reset my password?\n\n   \n"
+        "Thank you. Can I change my e-mail address too?\n",
         timeout=300,
     )
     assert proc.returncode == 0, err

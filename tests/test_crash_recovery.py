@@ -38,8 +38,11 @@ async def test_sigkilled_worker_is_replaced_and_exactly_one_reply_is_posted(
     second: subprocess.Popen[str] | None = None
     try:
         await submit(
-            redis, settings, CONV,
-            "Please explain in detail, step by step, how to return a damaged product.", "m1",
+            redis,
+            settings,
+            CONV,
+            "Please explain in detail, step by step, how to return a damaged product.",
+            "m1",
         )
 
         async def generating() -> bool:

@@ -13,7 +13,9 @@ def test_the_chat_template_and_persona_are_used(tiny_engine: TransformersEngine)
         {"role": "system", "content": "You are Ada, the helpdesk."},
         {"role": "user", "content": "Hello?"},
     ]
-    prompt = tiny_engine.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    prompt = tiny_engine.tokenizer.apply_chat_template(
+        turns, tokenize=False, add_generation_prompt=True
+    )
     assert prompt.startswith("<|im_start|>system\nYou are Ada")
     assert prompt.endswith("<|im_start|>assistant\n")
 
@@ -58,5 +60,8 @@ def test_several_speakers_are_named_and_agents_marked() -> None:
 
 def test_finalize_cuts_a_truncated_reply_back_to_a_sentence() -> None:
     assert finalize_reply("  Done. All good.  ", "stop") == "Done. All good."
-    assert finalize_reply("Reset it in Settings. Then open the lin", "length") == "Reset it in Settings."
+    assert (
+        finalize_reply("Reset it in Settings. Then open the lin", "length")
+        == "Reset it in Settings."
+    )
     assert finalize_reply("   ", "stop") == FALLBACK_REPLY

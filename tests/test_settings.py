@@ -38,7 +38,9 @@ def test_values_are_parsed() -> None:
 
 
 def test_unknown_chatbot_variable_is_an_error_with_a_suggestion() -> None:
-    with pytest.raises(SettingsError, match=r"CHATBOT_MAX_NEW_TOKEN \(did you mean CHATBOT_MAX_NEW_TOKENS\?\)"):
+    with pytest.raises(
+        SettingsError, match=r"CHATBOT_MAX_NEW_TOKEN \(did you mean CHATBOT_MAX_NEW_TOKENS\?\)"
+    ):
         Settings.from_mapping({"CHATBOT_MAX_NEW_TOKEN": "10"})
 
 

@@ -30,7 +30,10 @@ async def test_messages_are_numbered_and_deduplicated(redis: Any, settings: Sett
     await store.mark_queued(CONV, "m1")
     assert (await store.add_message(CONV, message("m1"))).queued
     history = await store.history(CONV)
-    assert [(m.message_id, m.seq, m.text) for m in history] == [("m1", 1, "hello"), ("m2", 2, "again")]
+    assert [(m.message_id, m.seq, m.text) for m in history] == [
+        ("m1", 1, "hello"),
+        ("m2", 2, "again"),
+    ]
     assert history[0].author_name == "Ann" and history[0].timestamp == 1_700_000_000.5
 
 
@@ -60,7 +63,9 @@ async def test_unicode_survives_the_lua_round_trip(redis: Any, settings: Setting
     assert (await store.history(CONV))[0].text == text
 
 
-async def test_a_reply_commits_once_and_waits_until_delivered(redis: Any, settings: Settings) -> None:
+async def test_a_reply_commits_once_and_waits_until_delivered(
+    redis: Any, settings: Settings
+) -> None:
     store = make_store(redis, settings)
     await store.add_message(CONV, message("m1"))
     reply = Reply("r1", CONV, "Hi Ann", "m1", covers_seq=1)

@@ -260,7 +260,10 @@ async def test_history_and_jobs_survive_a_redis_outage_and_restart(
         worker.stop()
         await task
         history = await make_store(redis, settings).history(A)
-        assert [m.text for m in history if m.role is Role.USER] == ["first question", "second question"]
+        assert [m.text for m in history if m.role is Role.USER] == [
+            "first question",
+            "second question",
+        ]
         assert [m.role for m in history] == [Role.USER, Role.ASSISTANT] * 2
 
         # A new worker process (a restart) sees the whole history in its prompt.
