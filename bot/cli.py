@@ -15,9 +15,11 @@ from typing import Any
 
 from bot.console import ConsoleChat
 from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
+from core.health import check_health
 from core.hf_engine import load_engine
+from core.keys import Keys
 from core.model_files import prepare_model
-from core.redis_conn import Redis, connect, mask_url, with_retry
+from core.redis_conn import TRANSIENT_ERRORS, Redis, connect, mask_url, with_retry
 from core.redis_server import RedisServer
 from core.settings import Settings
 from core.worker import Worker
@@ -184,6 +186,23 @@ async def cmd_prepare_model(settings: Settings, args: argparse.Namespace) -> int
     return 0
 
 
+async def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when Redis answers and at least one worker is alive: for probes and operators."""
+    url = _redis_url(settings)
+    redis = connect(url)
+    try:
+        health = await check_health(redis, Keys(settings.namespace))
+    except TRANSIENT_ERRORS as exc:
+        print(f"unhealthy: Redis at {mask_url(url)} is unreachable ({exc})", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        await redis.aclose()
+    print(health.to_json())
+    if not health.ok:
+        print("unhealthy: no live worker", file=sys.stderr)
+    return 0 if health.ok else EXIT_FAILURE
+
+
 async def cmd_not_yet(settings: Settings, args: argparse.Namespace) -> int:
     issue = {"slack": 3, "discord": 4}[args.command]
     print(
@@ -202,6 +221,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "chat": (cmd_chat, "talk to the bot in the terminal (pipe lines in to script it)"),
     "slack": (cmd_not_yet, "the Slack adapter"),
     "discord": (cmd_not_yet, "the Discord adapter"),
+    "health": (cmd_health, "report Redis, live workers and queue depth; exit 1 if unhealthy"),
     "prepare-model": (cmd_prepare_model, "convert and cache the configured model, then exit"),
 }
 

@@ -31,6 +31,14 @@ class Keys:
         """Stream of jobs that failed `max_deliveries` times."""
         return f"{self.namespace}:jobs:dead"
 
+    def worker(self, consumer: str) -> str:
+        """A worker's liveness record (JSON), expiring unless its heartbeat renews it."""
+        return f"{self.namespace}:workers:{consumer}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.namespace}:workers:*"
+
     def outbox(self, platform: str) -> str:
         """Stream of replies for one platform's adapters."""
         return f"{self.namespace}:outbox:{platform}"

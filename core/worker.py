@@ -16,6 +16,8 @@ Guarantees, with any number of workers against one Redis:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import socket
@@ -72,6 +74,8 @@ class Worker:
         self._in_flight: dict[str, Prepared] = {}
         self._last_reclaim = 0.0
         self.replies_posted = 0
+        self._started_at = time.time()
+        self._heartbeat_s = min(settings.lock_ttl_s, settings.reclaim_idle_s) / 3
 
     @property
     def consumer(self) -> str:
@@ -84,6 +88,7 @@ class Worker:
     async def run(self) -> None:
         await with_retry("creating the job consumer group", self.queue.ensure_group)
         log.info("worker %s ready", self.consumer)
+        await with_retry("announcing the worker", self._announce)
         heartbeat = asyncio.create_task(self._heartbeat())
         failures = 0
         try:
@@ -108,6 +113,8 @@ class Worker:
                     await self.queue.ensure_group()
         finally:
             heartbeat.cancel()
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self.queue.redis.delete(self.queue.keys.worker(self.consumer))
             log.info(
                 "worker %s stopped after posting %d replies", self.consumer, self.replies_posted
             )
@@ -263,6 +270,7 @@ class Worker:
         finally:
             for item in batch:
                 self._in_flight.pop(item.request.request_id, None)
+        await with_retry("announcing the worker", self._announce)
 
     async def _generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Generations for `requests`; if the batch fails, each is tried alone so that one
@@ -383,10 +391,24 @@ class Worker:
 
     # -- keeping claims alive ---------------------------------------------------------
 
+    async def _announce(self) -> None:
+        """Tell `chatbot health` (and operators) that this worker is alive."""
+        record = {
+            "consumer": self.consumer,
+            "pid": os.getpid(),
+            "started_at": self._started_at,
+            "replies_posted": self.replies_posted,
+            "in_flight": len(self._in_flight),
+        }
+        await self.queue.redis.set(
+            self.queue.keys.worker(self.consumer),
+            json.dumps(record),
+            px=int(self._heartbeat_s * 3000),
+        )
+
     async def _heartbeat(self) -> None:
-        interval_s = min(self.settings.lock_ttl_s, self.settings.reclaim_idle_s) / 3
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(self._heartbeat_s)
             try:
                 entry_ids = list(self._deferred)
                 for item in list(self._in_flight.values()):
@@ -395,5 +417,6 @@ class Worker:
                         item.conversation, item.lock_token, self.settings.lock_ttl_s
                     )
                 await self.queue.touch(entry_ids)
+                await self._announce()
             except TRANSIENT_ERRORS as exc:
                 log.warning("heartbeat could not reach Redis: %s", exc)

@@ -1,5 +1,6 @@
 """The `chatbot` command end to end: real processes, real Redis, the bundled SmolLM2."""
 
+import json
 import signal
 import subprocess
 import time
@@ -47,11 +48,26 @@ def test_worker_and_chat_talk_through_redis(
         out, err = chat.communicate("What are your opening hours?\n", timeout=300)
         assert chat.returncode == 0, err
         assert out.strip() and "Sorry, no answer came in time" not in out
+        health = chatbot(["health"], env, tmp_path)
+        report, _ = health.communicate(timeout=60)
+        assert health.returncode == 0
+        assert json.loads(report)["workers"][0]["replies_posted"] == 1
     finally:
         worker.send_signal(signal.SIGTERM)
         _, worker_err = worker.communicate(timeout=60)
     assert worker.returncode == 0, worker_err
     assert "stopped after posting 1 replies" in worker_err
+    health = chatbot(["health"], env, tmp_path)
+    _, problem = health.communicate(timeout=60)
+    assert health.returncode == 1 and "no live worker" in problem
+
+
+def test_health_reports_an_unreachable_redis(tmp_path: Path) -> None:
+    env = chatbot_env(REDIS_URL="redis://127.0.0.1:1/0")
+    proc = chatbot(["health"], env, tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "Redis at redis://127.0.0.1:1/0 is unreachable" in err
 
 
 def test_run_stops_cleanly_on_sigterm(tmp_path: Path, model_dir: Path) -> None:
