@@ -38,9 +38,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -56,6 +57,8 @@ from core.model_files import choose_device, choose_dtype, load_model, prepare_mo
 from core.settings import DEFAULT_PERSONA, Settings  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+T = TypeVar("T")
+cuda_backends: Any = torch.backends.cuda  # its cuDNN switches are untyped
 WARMUP_TOKENS = 4
 
 QUESTIONS: tuple[str, ...] = (
@@ -112,9 +115,21 @@ class FixedLengthEngine(TransformersEngine):
     the baseline's `min_new_tokens`. Each `generate_sync` call is also recorded.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, context_tokens: int, max_batch_size: int):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        context_tokens: int,
+        max_batch_size: int,
+        executor: Executor,
+    ) -> None:
         super().__init__(
-            model, tokenizer, context_tokens=context_tokens, max_batch_size=max_batch_size
+            model,
+            tokenizer,
+            context_tokens=context_tokens,
+            max_batch_size=max_batch_size,
+            executor=executor,
         )
         self.natural_stop_ids = self.stop_ids  # what the baseline passes as eos_token_id
         self.stop_ids = []
@@ -227,12 +242,18 @@ def make_requests(count: int, new_tokens: int, tag: str) -> list[GenerationReque
     ]
 
 
+def print_now(line: str) -> None:
+    print(line, flush=True)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def load(args: argparse.Namespace, progress: Callable[[str], None]) -> FixedLengthEngine:
+def load(
+    args: argparse.Namespace, progress: Callable[[str], None], torch_thread: Executor
+) -> FixedLengthEngine:
     cache_dir = Settings.from_mapping(
         {k: v for k, v in os.environ.items() if k == "CHATBOT_CACHE_DIR"}
     ).cache_dir
@@ -245,7 +266,8 @@ def load(args: argparse.Namespace, progress: Callable[[str], None]) -> FixedLeng
         progress(f"Random weights with the config and tokenizer of {location}")
         config = AutoConfig.from_pretrained(location)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
+        auto_model: Any = AutoModelForCausalLM  # from_config is untyped
+        model = auto_model.from_config(config)
         model.to(device=device, dtype=dtype)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -253,7 +275,10 @@ def load(args: argparse.Namespace, progress: Callable[[str], None]) -> FixedLeng
         model, tokenizer, device = load_model(
             args.model, args.device, args.dtype, cache_dir, progress
         )
-    return FixedLengthEngine(model, tokenizer, context_tokens=2048, max_batch_size=32)
+    context_tokens = Settings().context_tokens
+    return FixedLengthEngine(
+        model, tokenizer, context_tokens=context_tokens, max_batch_size=32, executor=torch_thread
+    )
 
 
 def run_baseline(
@@ -380,18 +405,24 @@ async def _worker_path(
         )
         if any(s.outcome is not Outcome.QUEUED for s in submissions):
             raise RuntimeError(f"not every message was queued: {submissions}")
-        while await redis.xlen(outbox) < conversations:
+        # Wait on the outbox with a blocking XREAD rather than by polling: on a 2-core machine
+        # a polling loop takes CPU (and the GIL) from the generating thread.
+        received, last_id = 0, "0-0"
+        while received < conversations:
             if worker_task.done():
                 worker_task.result()  # raises what stopped the worker
                 raise RuntimeError("the worker stopped before answering every message")
             if time.perf_counter() - started > timeout_s:
                 raise TimeoutError(f"not all {conversations} replies arrived in {timeout_s:.0f} s")
-            await asyncio.sleep(0.01)
+            response: Any = await redis.xread({outbox: last_id}, block=1000)
+            for _stream, entries in response or []:
+                received += len(entries)
+                last_id = entries[-1][0]
         seconds = time.perf_counter() - started
 
         worker.stop()
         await worker_task
-        replies = await redis.xrange(outbox)
+        replies: Any = await redis.xrange(outbox)
         return WorkerResult(
             conversations=conversations,
             replies=len(replies),
@@ -409,8 +440,13 @@ async def _worker_path(
 
 
 def measure_worker(engine: FixedLengthEngine, conversations: int, new_tokens: int) -> WorkerResult:
-    with tempfile.TemporaryDirectory(prefix="chatbot-bench-") as tmp:
-        return asyncio.run(_worker_path(engine, conversations, new_tokens, Path(tmp), 900.0))
+    async def run() -> WorkerResult:
+        # The engine generates on its executor, the thread that ran all other torch work
+        # (as `chatbot run` loads and generates on the engine's one thread).
+        with tempfile.TemporaryDirectory(prefix="chatbot-bench-") as tmp:
+            return await _worker_path(engine, conversations, new_tokens, Path(tmp), 900.0)
+
+    return asyncio.run(run())
 
 
 # -- reporting -----------------------------------------------------------------------------
@@ -508,6 +544,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/...)")
     parser.add_argument("--skip-worker", action="store_true", help="skip the worker path")
     parser.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="disable PyTorch's cuDNN attention backend (CUDA): it builds a plan for each new "
+        "batch/length shape, which costs ~2 ms per attention call while decoding",
+    )
+    parser.add_argument(
         "--worker-conversations", type=int, default=8, help="for the worker path (default 8)"
     )
     args = parser.parse_args(argv)
@@ -520,8 +562,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.no_cudnn_attention:
+        cuda_backends.enable_cudnn_sdp(False)
+    # All torch work runs on this one thread. On a small CPU, torch ops from a second thread
+    # start a second OpenMP thread team; with more OpenMP threads than cores, libgomp stops
+    # spin-waiting between parallel regions, and generation ran 30-60% slower here.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch") as torch_thread:
+        return run_benchmark(args, torch_thread)
+
+
+def run_benchmark(args: argparse.Namespace, torch_thread: Executor) -> int:
+    def on_torch_thread(call: Callable[..., T], *call_args: Any) -> T:
+        return torch_thread.submit(call, *call_args).result()
+
     started = time.perf_counter()
-    engine = load(args, lambda line: print(line, flush=True))
+    engine = on_torch_thread(load, args, print_now, torch_thread)
     info = machine_info(engine)
     print(
         f"Model loaded in {time.perf_counter() - started:.1f} s on {info['device_name']} "
@@ -531,13 +586,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     # Warm-up: one plain generate and one small batch before anything is timed.
-    run_baseline(engine, make_requests(1, WARMUP_TOKENS, "warm"), WARMUP_TOKENS)
-    engine.generate_sync(make_requests(2, WARMUP_TOKENS, "warm"))
+    on_torch_thread(run_baseline, engine, make_requests(1, WARMUP_TOKENS, "warm"), WARMUP_TOKENS)
+    on_torch_thread(engine.generate_sync, make_requests(2, WARMUP_TOKENS, "warm"))
 
-    results = []
+    results: list[ConcurrencyResult] = []
     for concurrency in args.concurrency:
         print(f"Concurrency {concurrency}:", flush=True)
-        results.append(measure_concurrency(engine, concurrency, args.new_tokens, args.repeats))
+        results.append(
+            on_torch_thread(measure_concurrency, engine, concurrency, args.new_tokens, args.repeats)
+        )
     print_table(results, args.new_tokens)
 
     worker: WorkerResult | None = None
@@ -563,7 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{info['load_average_at_end']}: other busy processes would skew these figures"
     )
     worker_json = worker.to_json() if worker else {"error": worker_error} if worker_error else None
-    out = args.out or RESULTS_DIR / f"throughput-{engine.device.type}-{info['dtype']}.json"
+    suffix = "-no-cudnn-attention" if args.no_cudnn_attention else ""
+    out = args.out or RESULTS_DIR / f"throughput-{engine.device.type}-{info['dtype']}{suffix}.json"
     write_json(
         out,
         {
@@ -572,6 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "settings": {
                 "model": args.model or "bundled SmolLM2-135M-Instruct",
                 "random_weights": args.random_weights,
+                "cudnn_attention": cuda_backends.cudnn_sdp_enabled()
+                if engine.device.type == "cuda"
+                else None,
                 "new_tokens_per_request": args.new_tokens,
                 "repeats": args.repeats,
                 "repetition_penalty": REPETITION_PENALTY,

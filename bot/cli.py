@@ -16,7 +16,7 @@ from typing import Any
 from bot.console import ConsoleChat
 from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
 from core.health import check_health
-from core.hf_engine import load_engine
+from core.hf_engine import open_engine
 from core.keys import Keys
 from core.model_files import prepare_model
 from core.redis_conn import TRANSIENT_ERRORS, Redis, connect, mask_url, with_retry
@@ -92,7 +92,7 @@ async def _check_redis(redis: Redis, url: str, stop: asyncio.Event) -> None:
 
 async def _serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
     """Load the model (in a thread, so the event loop keeps serving), then work until `stop`."""
-    engine = await asyncio.to_thread(load_engine, settings, _progress)
+    engine = await open_engine(settings, _progress)
     worker = Worker(redis, settings, engine)
     run = asyncio.create_task(worker.run())
     stop_wait = asyncio.create_task(stop.wait())
