@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 import redis
 
@@ -43,6 +45,7 @@ class RedisServer:
         self.port = port or free_port()
         self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock_file: IO[str] | None = None
 
     @property
     def url(self) -> str:
@@ -60,6 +63,7 @@ class RedisServer:
                 "`apt-get install redis-server`, or set REDIS_URL to an existing Redis"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
         args = [
             binary,
             "--port",
@@ -87,18 +91,20 @@ class RedisServer:
         try:
             while True:
                 if self.process.poll() is not None:
+                    self.kill()  # releases the data directory
                     raise RedisServerError(
                         f"redis-server exited at start (code {self.process.returncode}); "
                         f"its log {self.log_file} ends with: {self._log_tail()}"
                     )
                 try:
-                    if client.ping():
+                    # Another server may already own the port: only our own child counts.
+                    if client.info("server").get("process_id") == self.process.pid:
                         break
                 except (redis.ConnectionError, redis.TimeoutError):
                     pass
                 # Loading a large AOF answers LOADING (BusyLoadingError, a ConnectionError).
                 if time.monotonic() > deadline:
-                    self.stop()
+                    self.kill()
                     raise RedisServerError(
                         f"redis-server did not answer on port {self.port} within {timeout_s:.0f} s"
                     )
@@ -108,22 +114,45 @@ class RedisServer:
         log.info("embedded redis-server on port %d, data in %s", self.port, self.data_dir)
         return self.url
 
+    def _lock_data_dir(self) -> None:
+        """Two servers on one data directory would corrupt its append-only file."""
+        if self._lock_file is not None:
+            return
+        handle = (self.data_dir / "server.lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RedisServerError(
+                f"another process (a running `chatbot run`?) already uses {self.data_dir}: "
+                "stop it, or give this one its own CHATBOT_DATA_DIR"
+            ) from None
+        self._lock_file = handle
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM: Redis flushes its AOF and exits."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
         try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.error("redis-server did not stop within %.0f s; killing it", timeout_s)
-            self.process.kill()
-            self.process.wait()
+            if self.process is None or self.process.poll() is not None:
+                return
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error("redis-server did not stop within %.0f s; killing it", timeout_s)
+                self.process.kill()
+                self.process.wait()
+        finally:
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def _log_tail(self) -> str:
         try:
