@@ -17,11 +17,12 @@ from typing import Any
 
 from core.errors import SettingsError
 
+# Kept short and concrete: the bundled 135M model echoes long lists of prohibitions back at
+# the customer ("as an AI I don't have personal data…"). Facts come from the knowledge base.
 DEFAULT_PERSONA = (
-    "You are a friendly and professional customer-service assistant. "
-    "Answer the customer's question briefly and politely, in plain language. "
-    "If you do not know the answer, say so honestly and offer to connect them with a human "
-    "agent. Never invent prices, phone numbers, dates or policies."
+    "You are a friendly customer-service assistant. Answer the customer's question in two "
+    "or three short, polite sentences. If you are not sure of the answer, say so and offer "
+    "to connect them with a human agent."
 )
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
