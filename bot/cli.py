@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.console import ConsoleChat
+from bot.slack import SlackAdapter
 from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
 from core.health import check_health
 from core.hf_engine import open_engine
@@ -146,16 +147,12 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         await _check_redis(redis, url, stop)
         tasks["worker"] = asyncio.create_task(_serve_worker(settings, redis, stop))
-        for name, configured in (
-            ("Slack", settings.slack_configured),
-            ("Discord", settings.discord_configured),
-        ):
-            if configured:
-                log.error(
-                    "%s credentials are set, but the %s adapter is not in this release yet",
-                    name,
-                    name,
-                )
+        if settings.slack_configured:
+            tasks["slack"] = asyncio.create_task(
+                SlackAdapter(redis, settings).serve(stop, port=args.slack_port)
+            )
+        if settings.discord_configured:
+            log.error("DISCORD_TOKEN is set, but the Discord adapter is not in this release yet")
         if not (settings.slack_configured or settings.discord_configured):
             chat = ConsoleChat(redis, settings, conversation=args.conversation)
             tasks["console"] = asyncio.create_task(chat.run(stop))
@@ -203,8 +200,21 @@ async def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if health.ok else EXIT_FAILURE
 
 
+async def cmd_slack(settings: Settings, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _install_stop_handlers(stop)
+    url = _redis_url(settings)
+    redis = connect(url)
+    try:
+        await _check_redis(redis, url, stop)
+        await SlackAdapter(redis, settings).serve(stop, port=args.port)
+    finally:
+        await redis.aclose()
+    return 0
+
+
 async def cmd_not_yet(settings: Settings, args: argparse.Namespace) -> int:
-    issue = {"slack": 3, "discord": 4}[args.command]
+    issue = {"discord": 4}[args.command]
     print(
         f"chatbot {args.command}: the {args.command.capitalize()} adapter is not in this "
         f"release yet (tracked as issue #{issue}). Use `chatbot chat` meanwhile.",
@@ -219,7 +229,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "run": (cmd_run, "everything in one process group: Redis, a worker, the adapters, the console"),
     "worker": (cmd_worker, "a generation worker"),
     "chat": (cmd_chat, "talk to the bot in the terminal (pipe lines in to script it)"),
-    "slack": (cmd_not_yet, "the Slack adapter"),
+    "slack": (cmd_slack, "the Slack adapter: Events API on --port, or Socket Mode"),
     "discord": (cmd_not_yet, "the Discord adapter"),
     "health": (cmd_health, "report Redis, live workers and queue depth; exit 1 if unhealthy"),
     "prepare-model": (cmd_prepare_model, "convert and cache the configured model, then exit"),
@@ -240,7 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
                 help="name of the console conversation to continue (default: %(default)s)",
             )
         if name == "slack":
-            command.add_argument("--port", type=int, default=3000)
+            command.add_argument(
+                "--port", type=int, default=3000, help="Events API port (default: %(default)s)"
+            )
+        if name == "run":
+            command.add_argument(
+                "--slack-port",
+                type=int,
+                default=3000,
+                help="Slack Events API port, when Slack is configured (default: %(default)s)",
+            )
     return parser
 
 

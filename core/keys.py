@@ -12,6 +12,16 @@ from core.conversation import ConversationKey
 
 WORKER_GROUP = "workers"
 DEDUPE_TTL_S = 24 * 3600
+POSTED_TTL_S = 7 * 24 * 3600
+DISPLAY_NAME_TTL_S = 24 * 3600
+PLACEHOLDER_TTL_S = 3600
+
+
+def adapter_group(platform: str) -> str:
+    """Consumer group of one platform's adapter replicas on its outbox."""
+    return f"{platform}-adapters"
+
+
 JOBS_MAXLEN = 100_000
 OUTBOX_MAXLEN = 10_000
 DEAD_LETTER_MAXLEN = 10_000
@@ -62,3 +72,18 @@ class Keys:
     def seen(self, conversation: ConversationKey, message_id: str) -> str:
         """Dedupe marker of a platform message or event id."""
         return self._conversation(conversation) + f":seen:{message_id}"
+
+    def joined(self, conversation: ConversationKey) -> str:
+        """Present while the bot takes part in this thread (answers without a mention)."""
+        return self._conversation(conversation) + ":joined"
+
+    def placeholder(self, conversation: ConversationKey) -> str:
+        """Platform id of the "working on it" message that the next reply replaces."""
+        return self._conversation(conversation) + ":placeholder"
+
+    def posted(self, conversation: ConversationKey, reply_id: str) -> str:
+        """Hash: part number -> platform message id, for the parts of a reply posted so far."""
+        return self._conversation(conversation) + f":posted:{reply_id}"
+
+    def display_name(self, platform: str, workspace: str, user_id: str) -> str:
+        return f"{self.namespace}:names:{platform}:{workspace}:{user_id}"

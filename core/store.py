@@ -160,6 +160,16 @@ class ConversationStore:
     async def clear_pending(self, reply: Reply) -> None:
         await self._clear_pending(keys=[self.keys.state(reply.conversation)], args=[reply.reply_id])
 
+    async def clear(self, conversation: ConversationKey) -> None:
+        """Forget a conversation (a user's "reset"): history, state and thread markers."""
+        k = self.keys
+        await self.redis.delete(
+            k.history(conversation),
+            k.state(conversation),
+            k.joined(conversation),
+            k.placeholder(conversation),
+        )
+
     async def acquire_lock(self, conversation: ConversationKey, token: str, ttl_s: float) -> bool:
         key = self.keys.lock(conversation)
         return bool(await self.redis.set(key, token, nx=True, px=int(ttl_s * 1000)))

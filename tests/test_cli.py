@@ -120,9 +120,17 @@ def test_a_model_that_fails_to_load_stops_the_worker(
 
 
 def test_adapters_not_yet_built_say_so(tmp_path: Path) -> None:
-    proc = chatbot(["slack"], chatbot_env(), tmp_path)
+    proc = chatbot(["discord"], chatbot_env(), tmp_path)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "issue #3" in err
+    assert proc.returncode == 2 and "issue #4" in err
+
+
+def test_slack_without_credentials_says_what_to_set(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    proc = chatbot(["slack"], chatbot_env(REDIS_URL=redis_server.url), tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "SLACK_BOT_TOKEN is not set" in err
 
 
 def test_chat_without_redis_explains_what_to_do(tmp_path: Path) -> None:

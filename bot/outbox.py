@@ -1,0 +1,143 @@
+"""Posting replies from a platform's outbox stream: the part every adapter shares.
+
+Adapter replicas read the outbox through one consumer group, so each reply is handled by
+one replica; a replica that dies leaves its entries pending and another claims them. A
+reply is posted in parts and each posted part is recorded (`Keys.posted`), so a retry or a
+takeover resumes after the last part instead of posting the reply twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from core.conversation import Reply
+from core.keys import POSTED_TTL_S, Keys, adapter_group
+from core.redis_conn import TRANSIENT_ERRORS, Redis
+from core.worker import consumer_name
+
+log = logging.getLogger(__name__)
+
+
+class PermanentPostError(Exception):
+    """The platform refused the reply for good (no access to the channel, …): drop it."""
+
+
+Poster = Callable[[Reply, "PostedParts"], Awaitable[None]]
+
+
+class PostedParts:
+    """Which parts of one reply are already on the platform, and their message ids."""
+
+    def __init__(self, redis: Redis, key: str, done: dict[int, str]) -> None:
+        self.redis = redis
+        self.key = key
+        self.done = done
+
+    async def record(self, part: int, message_id: str) -> None:
+        self.done[part] = message_id
+        await self.redis.hset(self.key, str(part), message_id)
+        await self.redis.expire(self.key, POSTED_TTL_S)
+
+
+class OutboxConsumer:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        platform: str,
+        post: Poster,
+        *,
+        reclaim_idle_s: float = 30.0,
+        retry_delay_s: float = 2.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.platform = platform
+        self.post = post
+        self.stream = keys.outbox(platform)
+        self.group = adapter_group(platform)
+        self.consumer = consumer_name()
+        self.reclaim_idle_ms = int(reclaim_idle_s * 1000)
+        self.retry_delay_s = retry_delay_s
+        self.stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def ensure_group(self) -> None:
+        try:
+            # "$": a new group starts with replies written from now on; older ones were for
+            # adapters that are gone. An existing group keeps its place.
+            await self.redis.xgroup_create(self.stream, self.group, id="$", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self) -> None:
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                await self.ensure_group()
+                await self.step()
+                failures = 0
+            except TRANSIENT_ERRORS as exc:
+                failures += 1
+                wait_s = min(0.2 * 2**failures, 10.0)
+                log.warning(
+                    "Redis unreachable (%s); %s outbox retrying in %.1f s",
+                    exc,
+                    self.platform,
+                    wait_s,
+                )
+                await asyncio.sleep(wait_s)
+
+    async def step(self, block_ms: int = 1000) -> int:
+        """Post what is waiting; returns how many replies were handled."""
+        claimed: Any = await self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, self.reclaim_idle_ms, count=10
+        )
+        entries = list(claimed[1]) if claimed else []
+        if not entries:
+            response: Any = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=10, block=block_ms
+            )
+            entries = list(response[0][1]) if response else []
+        for entry_id, fields in entries:
+            if self.stopping.is_set():
+                break
+            await self._handle(entry_id, fields)
+        return len(entries)
+
+    async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+        try:
+            reply = Reply.from_fields(fields)
+        except (KeyError, ValueError) as exc:
+            log.error(
+                "malformed %s outbox entry %s (%r): %s; dropped",
+                self.platform,
+                entry_id,
+                fields,
+                exc,
+            )
+            await self.redis.xack(self.stream, self.group, entry_id)
+            return
+        key = self.keys.posted(reply.conversation, reply.reply_id)
+        stored = await self.redis.hgetall(key)
+        done = {int(part): str(message_id) for part, message_id in stored.items()}
+        try:
+            await self.post(reply, PostedParts(self.redis, key, done))
+        except PermanentPostError as exc:
+            log.error("reply %s could not be posted and is dropped: %s", reply.reply_id, exc)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception:
+            # Left pending: this or another replica claims it again after reclaim_idle_s.
+            log.exception("posting reply %s failed; it will be retried", reply.reply_id)
+            await asyncio.sleep(self.retry_delay_s)
+            return
+        await self.redis.xack(self.stream, self.group, entry_id)
