@@ -377,3 +377,48 @@ async def test_round_trip_with_the_bundled_model(
     history = await make_store(redis, harness.settings).history(conversation("C1", mention["ts"]))
     assert [m.role for m in history] == [Role.USER, Role.ASSISTANT]
     assert json.dumps(texts)  # plain text, postable
+
+
+@pytest.mark.slow
+async def test_chatbot_run_serves_slack_end_to_end(tmp_path: Any, model_dir: Any) -> None:
+    """The real command, as an operator starts it: embedded Redis, worker and Slack adapter."""
+    import signal
+
+    from tests.processes import chatbot, chatbot_env
+
+    emulator = SlackEmulator()
+    await emulator.start()
+    port = free_port()
+    env = chatbot_env(
+        CHATBOT_DATA_DIR=str(tmp_path / "data"),
+        CHATBOT_MAX_NEW_TOKENS="32",
+        SLACK_BOT_TOKEN="xoxb-test",
+        SLACK_SIGNING_SECRET=SECRET,
+        SLACK_API_URL=emulator.api_url,
+    )
+    proc = chatbot(["run", "--slack-port", str(port)], env, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        async def listening() -> bool:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                async with aiohttp.ClientSession() as s, s.get(url + "/healthz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(listening, 120, "chatbot run to serve Slack")
+        mention = app_mention("<@UBOT> Hi, where can I see my invoices?", channel="C7")
+        status, _ = await post_event(url + "/slack/events", SECRET, event_callback(mention))
+        assert status == 200
+        await emulator.wait_for(
+            lambda: any(t != WORKING_TEXT for t in emulator.messages_in("C7", mention["ts"])), 120
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        await emulator.stop()
+    assert proc.returncode == 0, err
+    [answer] = emulator.messages_in("C7", mention["ts"])
+    assert len(answer) > 5 and "Traceback" not in err
