@@ -1,4 +1,4 @@
-"""The `chatbot` command: run, worker, chat, slack, discord, prepare-model."""
+"""The `chatbot` command: run, worker, chat, slack, discord, health, prepare-model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.console import ConsoleChat
+from bot.discord_adapter import DiscordAdapter, invite_url
 from bot.slack import SlackAdapter
 from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
 from core.health import check_health
@@ -152,7 +153,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
                 SlackAdapter(redis, settings).serve(stop, port=args.slack_port)
             )
         if settings.discord_configured:
-            log.error("DISCORD_TOKEN is set, but the Discord adapter is not in this release yet")
+            tasks["discord"] = asyncio.create_task(DiscordAdapter(redis, settings).serve(stop))
         if not (settings.slack_configured or settings.discord_configured):
             chat = ConsoleChat(redis, settings, conversation=args.conversation)
             tasks["console"] = asyncio.create_task(chat.run(stop))
@@ -213,14 +214,22 @@ async def cmd_slack(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_not_yet(settings: Settings, args: argparse.Namespace) -> int:
-    issue = {"discord": 4}[args.command]
-    print(
-        f"chatbot {args.command}: the {args.command.capitalize()} adapter is not in this "
-        f"release yet (tracked as issue #{issue}). Use `chatbot chat` meanwhile.",
-        file=sys.stderr,
-    )
-    return EXIT_CONFIG
+async def cmd_discord(settings: Settings, args: argparse.Namespace) -> int:
+    if args.invite_url:
+        if not settings.discord_token:
+            raise SettingsError("DISCORD_TOKEN is not set: the invite URL is made from it")
+        print(invite_url(settings.discord_token))
+        return 0
+    stop = asyncio.Event()
+    _install_stop_handlers(stop)
+    url = _redis_url(settings)
+    redis = connect(url)
+    try:
+        await _check_redis(redis, url, stop)
+        await DiscordAdapter(redis, settings).serve(stop)
+    finally:
+        await redis.aclose()
+    return 0
 
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -230,7 +239,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "worker": (cmd_worker, "a generation worker"),
     "chat": (cmd_chat, "talk to the bot in the terminal (pipe lines in to script it)"),
     "slack": (cmd_slack, "the Slack adapter: Events API on --port, or Socket Mode"),
-    "discord": (cmd_not_yet, "the Discord adapter"),
+    "discord": (cmd_discord, "the Discord adapter (--invite-url prints the invite link)"),
     "health": (cmd_health, "report Redis, live workers and queue depth; exit 1 if unhealthy"),
     "prepare-model": (cmd_prepare_model, "convert and cache the configured model, then exit"),
 }
@@ -252,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "slack":
             command.add_argument(
                 "--port", type=int, default=3000, help="Events API port (default: %(default)s)"
+            )
+        if name == "discord":
+            command.add_argument(
+                "--invite-url",
+                action="store_true",
+                help="print the URL that adds the bot to a server, with the permissions it needs",
             )
         if name == "run":
             command.add_argument(

@@ -85,5 +85,9 @@ class Keys:
         """Hash: part number -> platform message id, for the parts of a reply posted so far."""
         return self._conversation(conversation) + f":posted:{reply_id}"
 
+    def reply_chain(self, platform: str, channel: str, message_id: str) -> str:
+        """The conversation a bot message belongs to, so that replying to it continues it."""
+        return f"{self.namespace}:chains:{platform}:{channel}:{message_id}"
+
     def display_name(self, platform: str, workspace: str, user_id: str) -> str:
         return f"{self.namespace}:names:{platform}:{workspace}:{user_id}"

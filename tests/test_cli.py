@@ -119,10 +119,23 @@ def test_a_model_that_fails_to_load_stops_the_worker(
     assert f"could not load model {broken}" in err
 
 
-def test_adapters_not_yet_built_say_so(tmp_path: Path) -> None:
-    proc = chatbot(["discord"], chatbot_env(), tmp_path)
+def test_discord_without_a_token_says_what_to_set(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    proc = chatbot(["discord"], chatbot_env(REDIS_URL=redis_server.url), tmp_path)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "issue #4" in err
+    assert proc.returncode == 2 and "DISCORD_TOKEN is not set" in err
+
+
+def test_discord_invite_url_carries_the_application_and_permissions(tmp_path: Path) -> None:
+    env = chatbot_env(DISCORD_TOKEN="MTIzNDU2Nzg5MDEyMzQ1Njc4.Gabcde.secretpart")
+    proc = chatbot(["discord", "--invite-url"], env, tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == (
+        "https://discord.com/oauth2/authorize?client_id=123456789012345678"
+        "&scope=bot+applications.commands&permissions=274877975552"
+    )
 
 
 def test_slack_without_credentials_says_what_to_set(

@@ -1,0 +1,298 @@
+"""The Discord adapter, on discord.py 2.x: gateway events in, replies out, nothing else.
+
+- Triggers: a mention of the bot (not @everyone or a role); a reply to one of the bot's
+  messages; DMs; messages in a thread the bot was mentioned in. Bots (itself included) are
+  never answered.
+- Conversation: in a channel, the reply chain started by a mention (guild + channel + the
+  chain's first message); a thread, a DM: the whole thread or DM.
+- Replies: as a reply to the triggering message, typing shown while the workers generate,
+  split below 2,000 characters (never inside a code block), and unable to ping @everyone or
+  roles. discord.py waits out rate limits; a resumed gateway session that replays a message
+  is deduplicated by message id, so it is never answered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+import time
+from typing import Any
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+
+from bot.chunking import split_message
+from bot.outbox import OutboxConsumer, PermanentPostError, PostedParts
+from core.conversation import ConversationKey, Reply
+from core.errors import SettingsError
+from core.inbound import Outcome, submit_user_message
+from core.jobs import JobQueue
+from core.keys import Keys
+from core.redis_conn import Redis
+from core.settings import Settings
+from core.store import ConversationStore
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+MESSAGE_LIMIT = 2000
+TYPING_TIMEOUT_S = 180.0
+# View Channels, Send Messages, Send Messages in Threads, Read Message History.
+INVITE_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 38) | (1 << 16)
+INTENT_HELP = (
+    "Discord refused the Message Content intent (close code 4014). Turn it on: "
+    "https://discord.com/developers/applications → your application → Bot → Privileged "
+    "Gateway Intents → MESSAGE CONTENT INTENT, save, then start again."
+)
+RESET_DONE = "Done: I've forgotten our conversation here."
+RESET_IN_CHANNEL = (
+    "In a channel every mention starts a new conversation, so there is nothing to reset. "
+    "/reset works in DMs and threads."
+)
+# The bot's words never ping anyone but the person it replies to.
+REPLY_MENTIONS = discord.AllowedMentions(
+    everyone=False, roles=False, users=False, replied_user=True
+)
+
+
+def application_id_from_token(token: str) -> str:
+    """A bot token starts with the base64 of the bot's user id (= its application id)."""
+    head = token.split(".", 1)[0]
+    try:
+        return base64.b64decode(head + "=" * (-len(head) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise SettingsError("DISCORD_TOKEN does not look like a bot token") from None
+
+
+def invite_url(token: str) -> str:
+    app_id = application_id_from_token(token)
+    return (
+        "https://discord.com/oauth2/authorize"
+        f"?client_id={app_id}&scope=bot+applications.commands&permissions={INVITE_PERMISSIONS}"
+    )
+
+
+class DiscordAdapter:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        if not settings.discord_token:
+            raise SettingsError("DISCORD_TOKEN is not set")
+        # discord.py reads these class attributes; DISCORD_API_URL / DISCORD_GATEWAY_URL let
+        # an operator use a proxy and the tests a local emulator.
+        discord.http.Route.BASE = settings.discord_api_url.rstrip("/")
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.store = ConversationStore(
+            redis,
+            self.keys,
+            max_messages=settings.history_max_messages,
+            ttl_s=settings.history_ttl_s,
+        )
+        self.queue = JobQueue(redis, self.keys)
+        intents = discord.Intents.default()
+        intents.message_content = True
+        self.client = _Client(self, intents=intents, allowed_mentions=REPLY_MENTIONS)
+        self.tree = app_commands.CommandTree(self.client)
+        self.tree.command(name="ask", description="Ask the support assistant a question")(
+            self._on_ask
+        )
+        self.tree.command(name="reset", description="Forget our conversation here")(self._on_reset)
+        self.outbox = OutboxConsumer(
+            redis, self.keys, PLATFORM, self._post_reply, reclaim_idle_s=settings.reclaim_idle_s
+        )
+        self._typing: set[asyncio.Task[None]] = set()
+
+    # -- inbound ------------------------------------------------------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        me = self.client.user
+        if me is None or message.author.bot:
+            return
+        conversation = await self._conversation_for(message, me)
+        if conversation is None:
+            return
+        text = re.sub(rf"<@!?{me.id}>", "", message.content)
+        submission = await submit_user_message(
+            self.store,
+            self.queue,
+            conversation,
+            text=text,
+            author_id=str(message.author.id),
+            author_name=message.author.display_name,
+            message_id=str(message.id),
+            max_chars=self.settings.max_message_chars,
+        )
+        if submission.outcome is Outcome.REJECTED:
+            await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
+        elif submission.outcome is Outcome.QUEUED:
+            self._show_typing(message.channel, conversation, submission.seq)
+
+    async def _conversation_for(
+        self, message: discord.Message, me: discord.ClientUser
+    ) -> ConversationKey | None:
+        channel = message.channel
+        mentioned = me in message.mentions  # @everyone and roles are not in `mentions`
+        if message.guild is None:
+            return ConversationKey(PLATFORM, "dm", str(channel.id))
+        guild = str(message.guild.id)
+        if isinstance(channel, discord.Thread):
+            conversation = ConversationKey(PLATFORM, guild, str(channel.id))
+            joined = self.keys.joined(conversation)
+            if mentioned or channel.owner_id == me.id:
+                await self.redis.set(joined, "1", ex=self.settings.history_ttl_s)
+                return conversation
+            return conversation if await self.redis.exists(joined) else None
+        reference = message.reference
+        if reference is not None and reference.message_id is not None:
+            root = await self.redis.get(
+                self.keys.reply_chain(PLATFORM, str(channel.id), str(reference.message_id))
+            )
+            if root:  # a reply to one of the bot's messages continues that conversation
+                return ConversationKey(PLATFORM, guild, str(channel.id), str(root))
+        if mentioned:
+            return ConversationKey(PLATFORM, guild, str(channel.id), str(message.id))
+        return None
+
+    def _show_typing(self, channel: Any, conversation: ConversationKey, seq: int) -> None:
+        task = asyncio.create_task(self._type_until_answered(channel, conversation, seq))
+        self._typing.add(task)
+        task.add_done_callback(self._typing.discard)
+
+    async def _type_until_answered(
+        self, channel: Any, conversation: ConversationKey, seq: int
+    ) -> None:
+        deadline = time.monotonic() + TYPING_TIMEOUT_S
+        try:
+            async with channel.typing():
+                while time.monotonic() < deadline:
+                    if (await self.store.state(conversation)).answered >= seq:
+                        return
+                    await asyncio.sleep(0.5)
+        except (discord.HTTPException, OSError) as exc:
+            log.debug("typing indicator in %s stopped: %s", conversation.id, exc)
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def _on_ask(self, interaction: discord.Interaction, question: str) -> None:
+        """Posts the question as a message; the answer comes as a reply to it."""
+        await interaction.response.send_message(
+            f"**{interaction.user.display_name} asked:** {question}",
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        root = await interaction.original_response()
+        guild = str(interaction.guild_id) if interaction.guild_id else "dm"
+        thread = "" if guild == "dm" else str(root.id)
+        conversation = ConversationKey(PLATFORM, guild, str(interaction.channel_id), thread)
+        submission = await submit_user_message(
+            self.store,
+            self.queue,
+            conversation,
+            text=question,
+            author_id=str(interaction.user.id),
+            author_name=interaction.user.display_name,
+            message_id=str(root.id),
+            max_chars=self.settings.max_message_chars,
+        )
+        if submission.outcome is Outcome.REJECTED:
+            await interaction.followup.send(submission.reply_text)
+
+    async def _on_reset(self, interaction: discord.Interaction) -> None:
+        channel = interaction.channel
+        if interaction.guild_id is None:
+            conversation = ConversationKey(PLATFORM, "dm", str(interaction.channel_id))
+        elif isinstance(channel, discord.Thread):
+            conversation = ConversationKey(PLATFORM, str(interaction.guild_id), str(channel.id))
+        else:
+            await interaction.response.send_message(RESET_IN_CHANNEL, ephemeral=True)
+            return
+        await self.store.clear(conversation)
+        await interaction.response.send_message(RESET_DONE, ephemeral=True)
+
+    # -- outbound -----------------------------------------------------------------------
+
+    async def _post_reply(self, reply: Reply, parts: PostedParts) -> None:
+        conversation = reply.conversation
+        channel = self.client.get_partial_messageable(int(conversation.channel))
+        reference = discord.MessageReference(
+            message_id=int(reply.reply_to),
+            channel_id=int(conversation.channel),
+            fail_if_not_exists=False,
+        )
+        for index, chunk in enumerate(split_message(reply.text, MESSAGE_LIMIT)):
+            if index in parts.done:
+                continue  # posted before a crash or a retry
+            try:
+                sent = await channel.send(
+                    chunk,
+                    reference=reference if index == 0 else None,  # type: ignore[arg-type]
+                    allowed_mentions=REPLY_MENTIONS,
+                )
+            except (discord.Forbidden, discord.NotFound) as exc:
+                raise PermanentPostError(f"Discord refused it: {exc}") from exc
+            await parts.record(index, str(sent.id))
+            if conversation.thread:  # a reply to this message continues the conversation
+                await self.redis.set(
+                    self.keys.reply_chain(PLATFORM, conversation.channel, str(sent.id)),
+                    conversation.thread,
+                    ex=self.settings.history_ttl_s,
+                )
+
+    # -- running ------------------------------------------------------------------------
+
+    async def sync_commands(self) -> None:
+        try:
+            await self.tree.sync()
+        except discord.HTTPException as exc:
+            log.warning("could not register the slash commands: %s", exc)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Gateway connection (reconnecting and resuming on its own) plus the outbox."""
+        token = self.settings.discord_token or ""
+        outbox = asyncio.create_task(self.outbox.run())
+        client = asyncio.create_task(self.client.start(token))
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({client, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if client.done():
+                client.result()  # raises what ended it
+                raise SettingsError("the Discord connection closed unexpectedly")
+        except discord.PrivilegedIntentsRequired:
+            raise SettingsError(INTENT_HELP) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise SettingsError(
+                f"cannot reach Discord at {self.settings.discord_api_url}: {exc}"
+            ) from exc
+        except discord.LoginFailure:
+            raise SettingsError(
+                "DISCORD_TOKEN was refused by Discord: copy the token from the developer "
+                "portal (your application → Bot → Reset Token)"
+            ) from None
+        finally:
+            stop_wait.cancel()
+            self.outbox.stop()
+            for task in self._typing:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await self.client.close()
+            await asyncio.gather(outbox, client, *self._typing, return_exceptions=True)
+
+
+class _Client(discord.Client):
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        super().__init__(**options)
+        self.adapter = adapter
+
+    async def setup_hook(self) -> None:
+        await self.adapter.sync_commands()
+
+    async def on_ready(self) -> None:
+        log.info("Discord adapter connected as %s", self.user)
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.adapter.on_message(message)
