@@ -254,6 +254,7 @@ class DiscordAdapter:
     async def serve(self, stop: asyncio.Event) -> None:
         """Gateway connection (reconnecting and resuming on its own) plus the outbox."""
         token = self.settings.discord_token or ""
+        await self.outbox.ensure_group()  # before any message can lead to a reply
         outbox = asyncio.create_task(self.outbox.run())
         client = asyncio.create_task(self.client.start(token))
         stop_wait = asyncio.create_task(stop.wait())

@@ -316,6 +316,7 @@ class SlackAdapter:
         """Events over HTTP (or Socket Mode with SLACK_APP_TOKEN) plus the outbox, until
         `stop`."""
         who = await self.check_credentials()
+        await self.outbox.ensure_group()  # before any event can lead to a reply
         outbox = asyncio.create_task(self.outbox.run())
         try:
             if self.settings.slack_app_token:
