@@ -1,0 +1,332 @@
+"""The Discord adapter on the real discord.py Client, against the local Discord emulator,
+with a real Redis and a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from bot.discord_adapter import INTENT_HELP, RESET_DONE, DiscordAdapter
+from core.conversation import ConversationKey, Role
+from core.engine import Engine
+from core.errors import POLITE_FAILURE, SettingsError
+from core.hf_engine import TransformersEngine
+from core.settings import Settings
+from core.worker import Worker
+from tests.discord_emulator import (
+    ANN_ID,
+    BOB_ID,
+    DEFAULT_BOT_ID,
+    DEFAULT_CHANNEL_ID,
+    DEFAULT_GUILD_ID,
+    OTHER_BOT_ID,
+    DiscordEmulator,
+)
+from tests.helpers import RecordingEngine, ScriptedEngine, echo_answer, make_store
+
+BOT = f"<@{DEFAULT_BOT_ID}>"
+CHANNEL = DEFAULT_CHANNEL_ID
+GUILD = DEFAULT_GUILD_ID
+
+
+@dataclass
+class Harness:
+    emulator: DiscordEmulator
+    settings: Settings
+    redis: Any
+    engine: Any
+    worker: Worker | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def sent_in(self, channel: str) -> list[dict[str, Any]]:
+        return [s for s in self.emulator.sent if s["channel_id"] == channel]
+
+    async def wait_sent(
+        self, channel: str, count: int, timeout_s: float = 30
+    ) -> list[dict[str, Any]]:
+        await self.emulator.wait_for(lambda: len(self.sent_in(channel)) >= count, timeout_s)
+        return self.sent_in(channel)
+
+
+@pytest.fixture(autouse=True)
+def restore_discord_globals() -> Any:
+    old = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+    yield
+    Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = old
+
+
+async def make_harness(
+    redis: Any,
+    make_settings: Any,
+    engine: Engine,
+    *,
+    emulator: DiscordEmulator | None = None,
+    **overrides: str,
+) -> Harness:
+    emulator = emulator or DiscordEmulator(heartbeat_interval_ms=1000)
+    await emulator.start()
+    settings = make_settings(
+        DISCORD_TOKEN="test-token",
+        DISCORD_API_URL=emulator.api_url,
+        DISCORD_GATEWAY_URL=emulator.gateway_url,
+        CHATBOT_RECLAIM_IDLE_S="1",
+        **overrides,
+    )
+    harness = Harness(emulator, settings, redis, engine)
+    harness.worker = Worker(redis, settings, engine)
+    harness.tasks += [
+        asyncio.create_task(DiscordAdapter(redis, settings).serve(harness.stop)),
+        asyncio.create_task(harness.worker.run()),
+    ]
+    await emulator.wait_ready(20)
+    return harness
+
+
+async def close(harness: Harness) -> None:
+    harness.stop.set()
+    if harness.worker is not None:
+        harness.worker.stop()
+    results = await asyncio.gather(*harness.tasks, return_exceptions=True)
+    await harness.emulator.stop()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+@pytest.fixture
+async def discord_bot(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> AsyncIterator[Harness]:
+    harness = await make_harness(redis, make_settings, ScriptedEngine(tiny_engine, echo_answer))
+    yield harness
+    await close(harness)
+
+
+async def test_a_mention_gets_a_reply_to_the_message(discord_bot: Harness) -> None:
+    question = await discord_bot.emulator.send_message(
+        CHANNEL, f"{BOT} how do I reset my password?"
+    )
+    [sent] = await discord_bot.wait_sent(CHANNEL, 1)
+    assert sent["content"] == "Answer to: how do I reset my password?"
+    assert str(sent["message_reference"]["message_id"]) == question["id"]
+    allowed = sent["allowed_mentions"]
+    assert allowed["parse"] == [] and allowed.get("replied_user") is True  # no @everyone/roles
+    assert CHANNEL in discord_bot.emulator.typing
+    history = await make_store(discord_bot.redis, discord_bot.settings).history(
+        ConversationKey("discord", GUILD, CHANNEL, question["id"])
+    )
+    assert next((m.role, m.author_id, m.message_id) for m in history) == (
+        Role.USER,
+        ANN_ID,
+        question["id"],
+    )
+
+
+async def test_a_reply_to_the_bot_continues_the_conversation(discord_bot: Harness) -> None:
+    first = await discord_bot.emulator.send_message(CHANNEL, f"{BOT} my order is late")
+    [answer] = await discord_bot.wait_sent(CHANNEL, 1)
+    await discord_bot.emulator.send_message(
+        CHANNEL, "it was due monday", author_id=BOB_ID, reply_to=answer["id"]
+    )
+    sent = await discord_bot.wait_sent(CHANNEL, 2)
+    assert (
+        sent[1]["content"].startswith("Answer to: ") and "it was due monday" in sent[1]["content"]
+    )
+    conversation = ConversationKey("discord", GUILD, CHANNEL, first["id"])
+    history = await make_store(discord_bot.redis, discord_bot.settings).history(conversation)
+    assert [m.author_id for m in history if m.role is Role.USER] == [ANN_ID, BOB_ID]
+
+
+async def test_plain_channel_chatter_bots_and_everyone_are_ignored(discord_bot: Harness) -> None:
+    emulator = discord_bot.emulator
+    await emulator.send_message(CHANNEL, "just chatting, no mention")
+    await emulator.send_message(CHANNEL, "@everyone meeting at 5", mention_everyone=True)
+    await emulator.send_message(CHANNEL, f"<@&{GUILD}> hello role", mention_roles=[GUILD])
+    await emulator.send_message(CHANNEL, f"{BOT} beep boop", author_id=OTHER_BOT_ID)
+    await asyncio.sleep(1.5)
+    assert discord_bot.sent_in(CHANNEL) == []
+
+
+async def test_direct_messages_are_answered(discord_bot: Harness) -> None:
+    dm = await discord_bot.emulator.send_dm(ANN_ID, "hello in private")
+    channel = dm["channel_id"]
+    [sent] = await discord_bot.wait_sent(channel, 1)
+    assert sent["content"] == "Answer to: hello in private"
+    await discord_bot.emulator.send_dm(ANN_ID, "and a follow-up")
+    sent_all = await discord_bot.wait_sent(channel, 2)
+    assert sent_all[1]["content"] == "Answer to: and a follow-up"
+    history = await make_store(discord_bot.redis, discord_bot.settings).history(
+        ConversationKey("discord", "dm", channel)
+    )
+    assert len(history) == 4
+
+
+async def test_a_thread_is_its_own_conversation_once_the_bot_is_mentioned(
+    discord_bot: Harness,
+) -> None:
+    emulator = discord_bot.emulator
+    thread = await emulator.create_thread(CHANNEL, "help with billing")
+    tid = thread["id"]
+    await emulator.send_message(tid, "anyone?")  # not yet joined: ignored
+    await asyncio.sleep(1.0)
+    assert discord_bot.sent_in(tid) == []
+    await emulator.send_message(tid, f"{BOT} can you help with my invoice?")
+    await discord_bot.wait_sent(tid, 1)
+    await emulator.send_message(tid, "it's invoice 42", author_id=BOB_ID)  # no mention needed now
+    sent = await discord_bot.wait_sent(tid, 2)
+    assert "invoice 42" in sent[1]["content"]
+
+
+async def test_a_long_reply_with_code_is_split_below_2000_characters(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> None:
+    code = "\n".join(f"config_value_{i} = {i}  # explained" for i in range(100))
+    text = (
+        "Here is the file you need:\n\n```python\n"
+        + code
+        + "\n```\n\n"
+        + "Then restart the app. " * 80
+    )
+    assert len(text) > 5000
+    harness = await make_harness(redis, make_settings, ScriptedEngine(tiny_engine, lambda r: text))
+    try:
+        await harness.emulator.send_message(CHANNEL, f"{BOT} send me the config")
+        await harness.emulator.wait_for(
+            lambda: any(
+                "Then restart the app." in s["content"] for s in harness.sent_in(CHANNEL)[-1:]
+            ),
+            30,
+        )
+        sent = harness.sent_in(CHANNEL)
+    finally:
+        await close(harness)
+    assert len(sent) >= 3
+    assert all(len(s["content"]) <= 2000 for s in sent)
+    assert all(s["content"].count("```") % 2 == 0 for s in sent)
+    assert sent[0]["message_reference"] is not None
+    assert all(s["message_reference"] is None for s in sent[1:])
+    joined = "\n".join(s["content"] for s in sent)
+    assert all(f"config_value_{i} = {i}" in joined for i in range(100))
+
+
+async def test_a_rate_limited_send_is_retried_and_posted_once(discord_bot: Harness) -> None:
+    discord_bot.emulator.rate_limit_next("POST /channels", retry_after_s=0.3)
+    await discord_bot.emulator.send_message(CHANNEL, f"{BOT} are you there?")
+    await discord_bot.wait_sent(CHANNEL, 1)
+    await asyncio.sleep(1.0)
+    assert [s["content"] for s in discord_bot.sent_in(CHANNEL)] == ["Answer to: are you there?"]
+
+
+async def test_a_dropped_connection_resumes_without_a_second_reply(discord_bot: Harness) -> None:
+    emulator = discord_bot.emulator
+    await emulator.send_message(CHANNEL, f"{BOT} first question")
+    await discord_bot.wait_sent(CHANNEL, 1)
+    with emulator.gateway_paused():
+        await emulator.drop_connection(None)
+        await emulator.send_message(CHANNEL, f"{BOT} asked while you were away")
+    await emulator.wait_for(lambda: emulator.resume_count >= 1, 20)
+    await discord_bot.wait_sent(CHANNEL, 2)
+    await emulator.drop_connection(4000)  # and again: replays must not be answered twice
+    await emulator.wait_for(lambda: emulator.resume_count >= 2, 20)
+    await asyncio.sleep(1.5)
+    assert [s["content"] for s in discord_bot.sent_in(CHANNEL)] == [
+        "Answer to: first question",
+        "Answer to: asked while you were away",
+    ]
+    assert emulator.identify_count == 1
+
+
+async def test_a_failed_generation_gets_an_apology(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> None:
+    engine = RecordingEngine(tiny_engine, fail_marker="explode")
+    harness = await make_harness(redis, make_settings, engine, CHATBOT_MAX_DELIVERIES="1")
+    try:
+        await harness.emulator.send_message(CHANNEL, f"{BOT} please explode")
+        [sent] = await harness.wait_sent(CHANNEL, 1)
+    finally:
+        await close(harness)
+    assert sent["content"] == POLITE_FAILURE
+
+
+async def test_slash_commands_are_registered_and_answered(discord_bot: Harness) -> None:
+    emulator = discord_bot.emulator
+    await emulator.wait_for(lambda: {c["name"] for c in emulator.commands} >= {"ask", "reset"}, 10)
+    interaction = await emulator.send_interaction(
+        "ask", {"question": "what are your opening hours?"}, guild_id=GUILD
+    )
+    await emulator.wait_for(lambda: bool(emulator.interaction_replies(interaction)), 10)
+    [asked] = emulator.interaction_replies(interaction)
+    assert "what are your opening hours?" in asked
+    await emulator.wait_for(
+        lambda: any(
+            s["content"] == "Answer to: what are your opening hours?" for s in emulator.sent
+        ),
+        30,
+    )
+
+    dm = await emulator.send_dm(ANN_ID, "remember me")
+    await discord_bot.wait_sent(dm["channel_id"], 1)
+    store = make_store(discord_bot.redis, discord_bot.settings)
+    conversation = ConversationKey("discord", "dm", dm["channel_id"])
+    assert await store.history(conversation)
+    reset = await emulator.send_interaction("reset", channel_id=dm["channel_id"])
+    await emulator.wait_for(lambda: emulator.interaction_replies(reset) == [RESET_DONE], 10)
+    assert await store.history(conversation) == []
+
+
+async def test_a_refused_content_intent_says_which_switch_to_turn_on(
+    redis: Any, make_settings: Any
+) -> None:
+    emulator = DiscordEmulator(refuse_intents=True, heartbeat_interval_ms=1000)
+    await emulator.start()
+    try:
+        settings = make_settings(
+            DISCORD_TOKEN="test-token",
+            DISCORD_API_URL=emulator.api_url,
+            DISCORD_GATEWAY_URL=emulator.gateway_url,
+        )
+        with pytest.raises(SettingsError) as caught:
+            await asyncio.wait_for(DiscordAdapter(redis, settings).serve(asyncio.Event()), 30)
+    finally:
+        await emulator.stop()
+    assert str(caught.value) == INTENT_HELP
+    assert "MESSAGE CONTENT INTENT" in INTENT_HELP
+
+
+async def test_a_wrong_token_is_a_clear_error(redis: Any, make_settings: Any) -> None:
+    emulator = DiscordEmulator()
+    await emulator.start()
+    try:
+        settings = make_settings(
+            DISCORD_TOKEN="wrong-token",
+            DISCORD_API_URL=emulator.api_url,
+            DISCORD_GATEWAY_URL=emulator.gateway_url,
+        )
+        with pytest.raises(SettingsError, match="DISCORD_TOKEN was refused"):
+            await asyncio.wait_for(DiscordAdapter(redis, settings).serve(asyncio.Event()), 30)
+    finally:
+        await emulator.stop()
+
+
+@pytest.mark.slow
+async def test_round_trip_with_the_bundled_model(
+    redis: Any, make_settings: Any, bundled_engine: TransformersEngine
+) -> None:
+    harness = await make_harness(redis, make_settings, bundled_engine, CHATBOT_MAX_NEW_TOKENS="48")
+    try:
+        await harness.emulator.send_message(
+            CHANNEL, f"{BOT} Hello! How do I update my billing address?"
+        )
+        [sent] = await harness.wait_sent(CHANNEL, 1, timeout_s=120)
+    finally:
+        await close(harness)
+    assert len(sent["content"]) > 10
+    assert sent["message_reference"] is not None
