@@ -87,6 +87,22 @@ def _install_stop_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
+async def _serve_with_redis(
+    settings: Settings, serve: Callable[[Redis, asyncio.Event], Coroutine[Any, Any, None]]
+) -> int:
+    """Connect to Redis, run `serve` until SIGINT/SIGTERM sets the stop event, disconnect."""
+    stop = asyncio.Event()
+    _install_stop_handlers(stop)
+    url = _redis_url(settings)
+    redis = connect(url)
+    try:
+        await _check_redis(redis, url, stop)
+        await serve(redis, stop)
+    finally:
+        await redis.aclose()
+    return 0
+
+
 async def _check_redis(redis: Redis, url: str, stop: asyncio.Event) -> None:
     log.info("connecting to Redis at %s", mask_url(url))
     await with_retry(f"connecting to {mask_url(url)}", redis.ping, stop=stop)
@@ -108,29 +124,17 @@ async def _serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) -
 
 
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
-    _install_stop_handlers(stop)
-    url = _redis_url(settings)
-    redis = connect(url)
-    try:
-        await _check_redis(redis, url, stop)
+    async def serve(redis: Redis, stop: asyncio.Event) -> None:
         await _serve_worker(settings, redis, stop)
-    finally:
-        await redis.aclose()
-    return 0
+
+    return await _serve_with_redis(settings, serve)
 
 
 async def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
-    _install_stop_handlers(stop)
-    url = _redis_url(settings)
-    redis = connect(url)
-    try:
-        await _check_redis(redis, url, stop)
+    async def serve(redis: Redis, stop: asyncio.Event) -> None:
         await ConsoleChat(redis, settings, conversation=args.conversation).run(stop)
-    finally:
-        await redis.aclose()
-    return 0
+
+    return await _serve_with_redis(settings, serve)
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -202,16 +206,10 @@ async def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_slack(settings: Settings, args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
-    _install_stop_handlers(stop)
-    url = _redis_url(settings)
-    redis = connect(url)
-    try:
-        await _check_redis(redis, url, stop)
+    async def serve(redis: Redis, stop: asyncio.Event) -> None:
         await SlackAdapter(redis, settings).serve(stop, port=args.port)
-    finally:
-        await redis.aclose()
-    return 0
+
+    return await _serve_with_redis(settings, serve)
 
 
 async def cmd_discord(settings: Settings, args: argparse.Namespace) -> int:
@@ -220,16 +218,11 @@ async def cmd_discord(settings: Settings, args: argparse.Namespace) -> int:
             raise SettingsError("DISCORD_TOKEN is not set: the invite URL is made from it")
         print(invite_url(settings.discord_token))
         return 0
-    stop = asyncio.Event()
-    _install_stop_handlers(stop)
-    url = _redis_url(settings)
-    redis = connect(url)
-    try:
-        await _check_redis(redis, url, stop)
+
+    async def serve(redis: Redis, stop: asyncio.Event) -> None:
         await DiscordAdapter(redis, settings).serve(stop)
-    finally:
-        await redis.aclose()
-    return 0
+
+    return await _serve_with_redis(settings, serve)
 
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]

@@ -84,9 +84,7 @@ class ConsoleChat:
         self.settings = settings
         keys = Keys(settings.namespace)
         self.keys = keys
-        self.store = ConversationStore(
-            redis, keys, max_messages=settings.history_max_messages, ttl_s=settings.history_ttl_s
-        )
+        self.store = ConversationStore.from_settings(redis, settings)
         self.queue = JobQueue(redis, keys)
         user = getpass.getuser()
         self.author_id = user

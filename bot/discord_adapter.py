@@ -88,12 +88,7 @@ class DiscordAdapter:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.store = ConversationStore(
-            redis,
-            self.keys,
-            max_messages=settings.history_max_messages,
-            ttl_s=settings.history_ttl_s,
-        )
+        self.store = ConversationStore.from_settings(redis, settings)
         self.queue = JobQueue(redis, self.keys)
         intents = discord.Intents.default()
         intents.message_content = True

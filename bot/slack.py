@@ -92,12 +92,7 @@ class SlackAdapter:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.store = ConversationStore(
-            redis,
-            self.keys,
-            max_messages=settings.history_max_messages,
-            ttl_s=settings.history_ttl_s,
-        )
+        self.store = ConversationStore.from_settings(redis, settings)
         self.queue = JobQueue(redis, self.keys)
         self.client = web_client(settings)
         self.app = AsyncApp(

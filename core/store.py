@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from core.conversation import ConversationKey, Message, Reply
 from core.keys import DEDUPE_TTL_S, Keys
 from core.redis_conn import Redis
+from core.settings import Settings
 
 # KEYS: history, state, seen.  ARGV: message json, max messages, ttl_s, dedupe ttl_s.
 # Returns {is_new, seq, queued}.
@@ -109,6 +110,15 @@ class ConversationStore:
         self._clear_pending = redis.register_script(_CLEAR_PENDING)
         self._renew = redis.register_script(_RENEW_LOCK)
         self._release = redis.register_script(_RELEASE_LOCK)
+
+    @classmethod
+    def from_settings(cls, redis: Redis, settings: Settings) -> ConversationStore:
+        return cls(
+            redis,
+            Keys(settings.namespace),
+            max_messages=settings.history_max_messages,
+            ttl_s=settings.history_ttl_s,
+        )
 
     async def add_message(
         self, conversation: ConversationKey, message: Message, dedupe_id: str | None = None

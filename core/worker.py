@@ -65,9 +65,7 @@ class Worker:
         self.settings = settings
         self.engine = engine
         keys = Keys(settings.namespace)
-        self.store = ConversationStore(
-            redis, keys, max_messages=settings.history_max_messages, ttl_s=settings.history_ttl_s
-        )
+        self.store = ConversationStore.from_settings(redis, settings)
         self.queue = JobQueue(redis, keys, consumer or consumer_name())
         self.stopping = asyncio.Event()
         self._deferred: dict[str, Job] = {}

@@ -51,12 +51,7 @@ class RecordingEngine:
 
 
 def make_store(redis: Any, settings: Settings) -> ConversationStore:
-    return ConversationStore(
-        redis,
-        Keys(settings.namespace),
-        max_messages=settings.history_max_messages,
-        ttl_s=settings.history_ttl_s,
-    )
+    return ConversationStore.from_settings(redis, settings)
 
 
 async def submit(
