@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 MESSAGE_LIMIT = 2000
 TYPING_TIMEOUT_S = 180.0
+CHAIN_WAIT_TRIES = 30  # x 0.1 s
 # View Channels, Send Messages, Send Messages in Threads, Read Message History.
 INVITE_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 38) | (1 << 16)
 INTENT_HELP = (
@@ -145,13 +146,32 @@ class DiscordAdapter:
             return conversation if await self.redis.exists(joined) else None
         reference = message.reference
         if reference is not None and reference.message_id is not None:
-            root = await self.redis.get(
-                self.keys.reply_chain(PLATFORM, str(channel.id), str(reference.message_id))
-            )
+            root = await self._chain_root(message, str(reference.message_id), me)
             if root:  # a reply to one of the bot's messages continues that conversation
-                return ConversationKey(PLATFORM, guild, str(channel.id), str(root))
+                return ConversationKey(PLATFORM, guild, str(channel.id), root)
         if mentioned:
             return ConversationKey(PLATFORM, guild, str(channel.id), str(message.id))
+        return None
+
+    async def _chain_root(
+        self, message: discord.Message, replied_to: str, me: discord.ClientUser
+    ) -> str | None:
+        """The conversation of the bot message `replied_to`, if it is one of ours.
+
+        The link is written just after the bot's message is sent; a reply that arrives in
+        between (a fast client, a busy Redis) waits briefly for it rather than starting a
+        new conversation.
+        """
+        key = self.keys.reply_chain(PLATFORM, str(message.channel.id), replied_to)
+        resolved = message.reference.resolved if message.reference else None
+        ours = isinstance(resolved, discord.Message) and resolved.author.id == me.id
+        tries = CHAIN_WAIT_TRIES if ours else 1
+        for attempt in range(tries):
+            root = await self.redis.get(key)
+            if root:
+                return str(root)
+            if attempt + 1 < tries:
+                await asyncio.sleep(0.1)
         return None
 
     def _show_typing(self, channel: Any, conversation: ConversationKey, seq: int) -> None:
