@@ -166,7 +166,7 @@ class SlackAdapter:
         if submission.outcome is Outcome.REJECTED:
             await self._say(conversation, submission.reply_text)
         elif submission.outcome is Outcome.QUEUED:
-            await self._show_working(conversation, submission.seq)
+            await self._show_working(conversation)
 
     async def _display_name(self, team: str, user: str) -> str:
         key = self.keys.display_name(PLATFORM, team, user)
@@ -188,7 +188,7 @@ class SlackAdapter:
         await self.redis.set(key, name, ex=DISPLAY_NAME_TTL_S)
         return str(name)
 
-    async def _show_working(self, conversation: ConversationKey, seq: int) -> None:
+    async def _show_working(self, conversation: ConversationKey) -> None:
         """Post one "working on it" message per conversation; the reply replaces it."""
         key = self.keys.placeholder(conversation)
         if not await self.redis.set(key, "posting", nx=True, ex=PLACEHOLDER_TTL_S):
@@ -204,10 +204,9 @@ class SlackAdapter:
             await self.redis.delete(key)
             return
         ts = str(response["ts"])
-        placed = await self.redis.set(key, ts, xx=True, ex=PLACEHOLDER_TTL_S)
-        answered = (await self.store.state(conversation)).answered >= seq
-        if not placed or (answered and await self.redis.getdel(key) == ts):
-            # The answer was faster and goes out as a message of its own: tidy up.
+        if not await self.redis.set(key, ts, xx=True, ex=PLACEHOLDER_TTL_S):
+            # The answer came while this was being posted and went out as a message of
+            # its own: tidy up.
             with contextlib.suppress(SlackApiError, ClientError):
                 await self.client.chat_delete(channel=conversation.channel, ts=ts)
 
