@@ -30,7 +30,7 @@ from bot.chunking import split_message
 from bot.outbox import OutboxConsumer, PermanentPostError, PostedParts
 from core.conversation import ConversationKey, Reply
 from core.errors import SettingsError
-from core.inbound import Outcome, submit_user_message
+from core.inbound import Outcome, Submission, submit_user_message
 from core.jobs import JobQueue
 from core.keys import Keys
 from core.redis_conn import Redis
@@ -114,20 +114,34 @@ class DiscordAdapter:
         if conversation is None:
             return
         text = re.sub(rf"<@!?{me.id}>", "", message.content)
+        submission = await self._submit(
+            conversation, message.channel, message.author, text, str(message.id)
+        )
+        if submission.outcome is Outcome.REJECTED:
+            await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
+
+    async def _submit(
+        self,
+        conversation: ConversationKey,
+        channel: Any,
+        author: discord.User | discord.Member,
+        text: str,
+        message_id: str,
+    ) -> Submission:
+        """Store and enqueue a user's message; show typing until it is answered."""
         submission = await submit_user_message(
             self.store,
             self.queue,
             conversation,
             text=text,
-            author_id=str(message.author.id),
-            author_name=message.author.display_name,
-            message_id=str(message.id),
+            author_id=str(author.id),
+            author_name=author.display_name,
+            message_id=message_id,
             max_chars=self.settings.max_message_chars,
         )
-        if submission.outcome is Outcome.REJECTED:
-            await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
-        elif submission.outcome is Outcome.QUEUED:
-            self._show_typing(message.channel, conversation, submission.seq)
+        if submission.outcome is Outcome.QUEUED:
+            self._show_typing(channel, conversation, submission.seq)
+        return submission
 
     async def _conversation_for(
         self, message: discord.Message, me: discord.ClientUser
@@ -204,15 +218,8 @@ class DiscordAdapter:
         guild = str(interaction.guild_id) if interaction.guild_id else "dm"
         thread = "" if guild == "dm" else str(root.id)
         conversation = ConversationKey(PLATFORM, guild, str(interaction.channel_id), thread)
-        submission = await submit_user_message(
-            self.store,
-            self.queue,
-            conversation,
-            text=question,
-            author_id=str(interaction.user.id),
-            author_name=interaction.user.display_name,
-            message_id=str(root.id),
-            max_chars=self.settings.max_message_chars,
+        submission = await self._submit(
+            conversation, root.channel, interaction.user, question, str(root.id)
         )
         if submission.outcome is Outcome.REJECTED:
             await interaction.followup.send(submission.reply_text)

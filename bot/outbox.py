@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from core.conversation import Reply
 from core.keys import POSTED_TTL_S, Keys, adapter_group
-from core.redis_conn import TRANSIENT_ERRORS, Redis
+from core.redis_conn import TRANSIENT_ERRORS, Redis, backoff_s
 from core.worker import consumer_name
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class OutboxConsumer:
                 failures = 0
             except TRANSIENT_ERRORS as exc:
                 failures += 1
-                wait_s = min(0.2 * 2**failures, 10.0)
+                wait_s = backoff_s(failures)
                 log.warning(
                     "Redis unreachable (%s); %s outbox retrying in %.1f s",
                     exc,

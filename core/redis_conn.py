@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -18,6 +17,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Redis = aioredis.Redis
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def backoff_s(failures: int, cap_s: float = 10.0) -> float:
+    """Seconds to wait after `failures` consecutive failures: 0.4, 0.8, 1.6 … capped."""
+    return min(0.2 * 2.0**failures, cap_s)
 
 
 def mask_url(url: str) -> str:
@@ -47,14 +51,13 @@ async def with_retry(
 
     Gives up only when `stop` is set (shutdown); then the last error is raised.
     """
-    backoff = ExponentialBackoff(cap=max_wait_s, base=0.2)
     failures = 0
     while True:
         try:
             result = await call()
         except TRANSIENT_ERRORS as exc:
             failures += 1
-            wait_s = backoff.compute(failures)
+            wait_s = backoff_s(failures, max_wait_s)
             log.warning(
                 "Redis unreachable while %s (%s: %s); retrying in %.1f s (attempt %d)",
                 what,

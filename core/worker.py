@@ -34,7 +34,7 @@ from core.errors import POLITE_FAILURE
 from core.jobs import Job, JobQueue
 from core.keys import Keys
 from core.prompt import build_prompt, finalize_reply
-from core.redis_conn import TRANSIENT_ERRORS, Redis, with_retry
+from core.redis_conn import TRANSIENT_ERRORS, Redis, backoff_s, with_retry
 from core.settings import Settings
 from core.store import ConversationStore
 
@@ -96,7 +96,7 @@ class Worker:
                     failures = 0
                 except TRANSIENT_ERRORS as exc:
                     failures += 1
-                    wait_s = min(0.2 * 2**failures, 10.0)
+                    wait_s = backoff_s(failures)
                     log.warning(
                         "Redis unreachable (%s: %s); worker retrying in %.1f s",
                         type(exc).__name__,

@@ -91,31 +91,17 @@ async def wait_for(
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-class ScriptedEngine:
+class ScriptedEngine(RecordingEngine):
     """An engine whose answers a test writes (`answer(request) -> text`); token counting is
     the real tokenizer's. For adapter tests, where what matters is what gets posted."""
 
     def __init__(self, inner: TransformersEngine, answer: Callable[[GenerationRequest], str]):
-        self.inner = inner
+        super().__init__(inner)
         self.answer = answer
-        self.requests: list[GenerationRequest] = []
-
-    @property
-    def context_tokens(self) -> int:
-        return self.inner.context_tokens
-
-    def count_tokens(self, turns: Sequence[ChatTurn]) -> int:
-        return self.inner.count_tokens(turns)
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        return self.inner.truncate(text, max_tokens)
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        self.requests += requests
+        self.batches.append(list(requests))
         return [Generation(r.request_id, self.answer(r), "stop", new_tokens=1) for r in requests]
-
-    def close(self) -> None:
-        pass
 
 
 def echo_answer(request: GenerationRequest) -> str:
