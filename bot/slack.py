@@ -33,6 +33,8 @@ from bot.outbox import OutboxConsumer, PermanentPostError, PostedParts
 from bot.slack_format import markdown_to_mrkdwn
 from core.conversation import ConversationKey, Reply
 from core.errors import SettingsError
+from core.feedback import Feedback
+from core.handoff import Handoffs, release_and_announce
 from core.inbound import Outcome, submit_user_message
 from core.jobs import JobQueue
 from core.keys import DISPLAY_NAME_TTL_S, PLACEHOLDER_TTL_S, Keys
@@ -66,6 +68,16 @@ PERMANENT_ERRORS = {
     "restricted_action",
 }
 _MENTION = re.compile(r"<@([UW][A-Z0-9]+)>")
+HANDOFF_REQUEST_TEXT = "talk to a person"
+FEEDBACK_THANKS = "Thanks for the feedback! It helps us improve the answers."
+FEEDBACK_EXPIRED = "Sorry, that answer is too old to rate now."
+RELEASE_NOT_ACTIVE = "This conversation is already back with the bot."
+# Buttons each reply action shows: (action_id, label, style)
+BUTTONS: dict[str, list[tuple[str, str, str | None]]] = {
+    "feedback": [("feedback_up", "👍 Helpful", None), ("feedback_down", "👎 Not helpful", None)],
+    "handoff": [("handoff_request", "Talk to a person", "primary")],
+    "release": [("handoff_release", "Hand back to the bot", None)],
+}
 
 
 def web_client(settings: Settings) -> AsyncWebClient:
@@ -105,6 +117,12 @@ class SlackAdapter:
         self.app.event("message")(self._on_message)
         self.app.command("/ask")(self._on_ask)
         self.app.command("/reset")(self._on_reset)
+        self.app.action("feedback_up")(self._on_feedback)
+        self.app.action("feedback_down")(self._on_feedback)
+        self.app.action("handoff_request")(self._on_handoff_request)
+        self.app.action("handoff_release")(self._on_handoff_release)
+        self.feedback = Feedback(redis, self.keys, settings.history_ttl_s)
+        self.handoffs = Handoffs(redis, self.keys, settings.history_ttl_s)
         # Everything else (reactions, channel events…) is acknowledged and ignored: an
         # unanswered event would be retried by Slack and count against the app.
         self.app.event(re.compile(".*"))(_ignore)
@@ -162,6 +180,7 @@ class SlackAdapter:
             message_id=event["ts"],
             dedupe_id=f"ts:{event['ts']}",
             max_chars=self.settings.max_message_chars,
+            direct=event.get("channel_type") == "im",
         )
         if submission.outcome is Outcome.REJECTED:
             await self._say(conversation, submission.reply_text)
@@ -248,6 +267,46 @@ class SlackAdapter:
         await self.store.clear(ConversationKey(PLATFORM, team, command["channel_id"], ""))
         await ack(RESET_DONE)
 
+    # -- buttons ------------------------------------------------------------------------
+
+    async def _on_feedback(self, ack: Any, body: dict[str, Any]) -> None:
+        await ack()
+        action = body["actions"][0]
+        user, channel = body["user"]["id"], body["channel"]["id"]
+        recorded = await self.feedback.rate(
+            action["value"], user, helpful=action["action_id"] == "feedback_up"
+        )
+        await self._ephemeral(channel, user, FEEDBACK_THANKS if recorded else FEEDBACK_EXPIRED)
+
+    async def _on_handoff_request(
+        self, ack: Any, body: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        """The "Talk to a person" button: as if the customer had asked in words, so the
+        request takes the same path (and the same history) as a typed one."""
+        await ack()
+        conversation = ConversationKey.from_id(body["actions"][0]["value"])
+        event = {
+            "user": body["user"]["id"],
+            "text": HANDOFF_REQUEST_TEXT,
+            "ts": str(body["actions"][0].get("action_ts") or body["trigger_id"]),
+            "channel_type": "im" if conversation.channel.startswith("D") else "",
+        }
+        await self._submit(conversation, event, context)
+
+    async def _on_handoff_release(self, ack: Any, body: dict[str, Any]) -> None:
+        await ack()
+        conversation = ConversationKey.from_id(body["actions"][0]["value"])
+        user = body["user"]["id"]
+        released = await release_and_announce(self.handoffs, self.queue, conversation, user)
+        if not released:
+            await self._ephemeral(body["channel"]["id"], user, RELEASE_NOT_ACTIVE)
+
+    async def _ephemeral(self, channel: str, user: str, text: str) -> None:
+        try:
+            await self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+        except (SlackApiError, ClientError) as exc:
+            log.warning("could not answer %s in %s: %s", user, channel, exc)
+
     async def _on_error(self, error: Exception, body: dict[str, Any]) -> None:
         log.error(
             "Slack event %s failed: %s",
@@ -259,18 +318,26 @@ class SlackAdapter:
     # -- outbound -----------------------------------------------------------------------
 
     async def _post_reply(self, reply: Reply, parts: PostedParts) -> None:
+        if reply.kind == "support":
+            await self._post_support_alert(reply, parts)
+            return
         conversation = reply.conversation
         chunks = split_message(markdown_to_mrkdwn(reply.text), MESSAGE_LIMIT)
         for index, chunk in enumerate(chunks):
             if index in parts.done:
                 continue  # posted before a crash or a retry
+            # Buttons go under the last part.
+            blocks = _blocks(chunk, reply) if index == len(chunks) - 1 else None
             try:
-                if index == 0 and await self._replace_placeholder(conversation, chunk, parts):
+                if index == 0 and await self._replace_placeholder(
+                    conversation, chunk, parts, blocks
+                ):
                     continue
                 response = await self.client.chat_postMessage(
                     channel=conversation.channel,
                     thread_ts=conversation.thread or None,
                     text=chunk,
+                    blocks=blocks,
                     unfurl_links=False,
                 )
             except SlackApiError as exc:
@@ -280,15 +347,59 @@ class SlackAdapter:
                 raise
             await parts.record(index, str(response["ts"]))
 
+    async def _post_support_alert(self, reply: Reply, parts: PostedParts) -> None:
+        """The handoff alert in the support channel: who to ping, who asked, a link."""
+        if 0 in parts.done:
+            return
+        conversation = reply.conversation
+        link = await self._permalink(conversation.channel, conversation.thread or reply.reply_to)
+        text = f"{_mention(str(reply.meta.get('mention', '')))}:rotating_light: {reply.text}"
+        text += (
+            f" <{link}|Open the conversation>" if link else f" (channel <#{conversation.channel}>)"
+        )
+        release = Reply(reply.reply_id, conversation, text, "", 0, meta={"actions": ["release"]})
+        try:
+            response = await self.client.chat_postMessage(
+                channel=str(reply.meta["target_channel"]),
+                text=text,
+                blocks=_blocks(text, release),
+                unfurl_links=False,
+            )
+        except SlackApiError as exc:
+            error = str(exc.response.get("error", ""))
+            if error in PERMANENT_ERRORS:
+                raise PermanentPostError(
+                    f"Slack refused the handoff alert in {reply.meta.get('target_channel')}: "
+                    f"{error} (invite the bot to the support channel)"
+                ) from exc
+            raise
+        await parts.record(0, str(response["ts"]))
+
+    async def _permalink(self, channel: str, ts: str) -> str:
+        if not ts:
+            return ""
+        try:
+            response = await self.client.chat_getPermalink(channel=channel, message_ts=ts)
+            return str(response["permalink"])
+        except (SlackApiError, ClientError, KeyError) as exc:
+            log.warning("no permalink for %s in %s: %s", ts, channel, exc)
+            return ""
+
     async def _replace_placeholder(
-        self, conversation: ConversationKey, text: str, parts: PostedParts
+        self,
+        conversation: ConversationKey,
+        text: str,
+        parts: PostedParts,
+        blocks: list[dict[str, Any]] | None = None,
     ) -> bool:
         stored = await self.redis.getdel(self.keys.placeholder(conversation))
         placeholder = str(stored) if stored else ""
         if not placeholder or placeholder == "posting":
             return False
         try:
-            await self.client.chat_update(channel=conversation.channel, ts=placeholder, text=text)
+            await self.client.chat_update(
+                channel=conversation.channel, ts=placeholder, text=text, blocks=blocks or []
+            )
         except SlackApiError as exc:
             log.warning("could not replace the working message %s: %s", placeholder, exc)
             return False
@@ -351,6 +462,42 @@ class SlackAdapter:
         finally:
             with contextlib.suppress(Exception):
                 await handler.close_async()
+
+
+def _blocks(text: str, reply: Reply) -> list[dict[str, Any]] | None:
+    """A section with the text and, when the reply asks for them, its buttons."""
+    value = {
+        "feedback": reply.reply_id,
+        "handoff": reply.conversation.id,
+        "release": reply.conversation.id,
+    }
+    elements = []
+    for action in reply.actions:
+        for action_id, label, style in BUTTONS.get(action, []):
+            button: dict[str, Any] = {
+                "type": "button",
+                "action_id": action_id,
+                "text": {"type": "plain_text", "text": label, "emoji": True},
+                "value": value[action],
+            }
+            if style:
+                button["style"] = style
+            elements.append(button)
+    if not elements:
+        return None
+    return [
+        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+        {"type": "actions", "block_id": "actions", "elements": elements},
+    ]
+
+
+def _mention(target: str) -> str:
+    """Slack markup that notifies a user group (S…) or a user (U…/W…)."""
+    if target.startswith("S"):
+        return f"<!subteam^{target}> "
+    if target[:1] in ("U", "W"):
+        return f"<@{target}> "
+    return ""
 
 
 def _from_a_person(event: dict[str, Any], context: AsyncBoltContext) -> bool:

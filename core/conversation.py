@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 from urllib.parse import quote, unquote
@@ -90,10 +90,20 @@ class Reply:
     text: str
     reply_to: str  # the platform message id of the newest user message answered
     covers_seq: int
-    kind: str = "answer"  # "answer" or "apology"
+    # "answer" (from the knowledge base or small talk), "decline" (nothing relevant found),
+    # "handoff" (a person was asked to join), "notice" (bot back, data forgotten…),
+    # "support" (the handoff alert, posted in the support channel), "apology" (failure)
+    kind: str = "answer"
+    # For adapters: "sources" (list of titles), "actions" (buttons to show: "feedback",
+    # "handoff", "release"), "target_channel"/"mention" for a support alert.
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def actions(self) -> list[str]:
+        return [str(a) for a in self.meta.get("actions", [])]
 
     def to_fields(self) -> dict[str, str]:
-        return {
+        fields = {
             "reply_id": self.reply_id,
             "conversation": self.conversation.id,
             "text": self.text,
@@ -101,6 +111,9 @@ class Reply:
             "covers_seq": str(self.covers_seq),
             "kind": self.kind,
         }
+        if self.meta:
+            fields["meta"] = json.dumps(self.meta, ensure_ascii=False, sort_keys=True)
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Reply:
@@ -111,4 +124,5 @@ class Reply:
             reply_to=fields["reply_to"],
             covers_seq=int(fields["covers_seq"]),
             kind=fields.get("kind", "answer"),
+            meta=json.loads(fields["meta"]) if fields.get("meta") else {},
         )

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from core.conversation import ConversationKey, Message, Role
+from core.handoff import Handoffs
 from core.jobs import JobQueue
+from core.privacy import UserData
 from core.redis_conn import with_retry
 from core.store import ConversationStore
 from core.text import EMPTY_MESSAGE_REPLY, clean_user_text
+from core.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,8 @@ class Outcome(StrEnum):
     QUEUED = "queued"  # stored and waiting for the worker
     DUPLICATE = "duplicate"  # seen before (platform retry, second replica): nothing to do
     REJECTED = "rejected"  # nothing usable in it: answer `reply_text` directly
+    HANDED_OFF = "handed_off"  # stored; a person has the conversation, the bot stays quiet
+    NOT_ALLOWED = "not_allowed"  # a channel this workspace does not let the bot answer in
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,34 @@ async def submit_user_message(
     dedupe_id: str | None = None,
     timestamp: float | None = None,
     stop: asyncio.Event | None = None,
+    direct: bool = False,
 ) -> Submission:
     """Persist the message in its conversation and enqueue a job for it, exactly once.
 
     Safe to call again with the same `dedupe_id` (or `message_id`) after any failure: a
-    message stored but not yet enqueued is enqueued by the retry.
+    message stored but not yet enqueued is enqueued by the retry. `direct` marks a direct
+    message, which workspace channel restrictions do not apply to. While a person has the
+    conversation, the message is stored (an agent's with the `human_agent` role) and not
+    enqueued.
     """
+    redis, keys = store.redis, store.keys
+    workspaces = Workspaces(redis, keys, store.settings)
+    config = await with_retry(
+        "reading workspace settings",
+        lambda: workspaces.config(conversation.platform, conversation.workspace),
+        stop=stop,
+    )
+    if not config.allows(conversation.channel, direct=direct):
+        log.debug("%s: channel not enabled for the bot in this workspace", conversation.id)
+        return Submission(Outcome.NOT_ALLOWED)
+    handoff = await with_retry(
+        "reading the handoff state",
+        lambda: Handoffs(redis, keys, store.ttl_s).get(conversation),
+        stop=stop,
+    )
+    role = Role.USER
+    if handoff is not None and author_id != handoff.customer_id:
+        role = Role.HUMAN_AGENT
     clean = clean_user_text(text, max_chars)
     if not clean.text:
         return Submission(Outcome.REJECTED, reply_text=EMPTY_MESSAGE_REPLY)
@@ -62,7 +89,7 @@ async def submit_user_message(
             max_chars,
         )
     message = Message(
-        role=Role.USER,
+        role=role,
         text=clean.text,
         author_id=author_id,
         author_name=author_name,
@@ -75,6 +102,18 @@ async def submit_user_message(
     )
     if not added.is_new and added.queued:
         return Submission(Outcome.DUPLICATE, seq=added.seq)
+    await with_retry(
+        "indexing the user's conversations",
+        lambda: UserData(redis, keys, store.ttl_s).note_participation(
+            conversation.platform, author_id, conversation.id
+        ),
+        stop=stop,
+    )
+    if handoff is not None:
+        await with_retry(
+            "marking a message stored", lambda: store.mark_queued(conversation, dedupe)
+        )
+        return Submission(Outcome.HANDED_OFF, seq=added.seq)
     await with_retry(
         "enqueueing a job",
         lambda: queue.enqueue(conversation, added.seq, message_id),

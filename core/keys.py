@@ -91,3 +91,77 @@ class Keys:
 
     def display_name(self, platform: str, workspace: str, user_id: str) -> str:
         return f"{self.namespace}:names:{platform}:{workspace}:{user_id}"
+
+    # -- customer-service data: handoff, answers, feedback ------------------------------
+
+    def handoff(self, conversation: ConversationKey) -> str:
+        """Hash, present while a human agent has the conversation: `customer`, `since`…"""
+        return self._conversation(conversation) + ":handoff"
+
+    def answers(self, conversation: ConversationKey) -> str:
+        """Hash: reply id -> JSON record of what the bot answered (kind, sources)."""
+        return self._conversation(conversation) + ":answers"
+
+    def feedback(self, conversation: ConversationKey) -> str:
+        """Hash: `<reply id>|<user id>` -> +1 or -1."""
+        return self._conversation(conversation) + ":feedback"
+
+    def conversation_pattern(self, conversation: ConversationKey) -> str:
+        """Every key of one conversation (for forgetting it)."""
+        return glob_escape(self._conversation(conversation)) + ":*"
+
+    @property
+    def history_pattern(self) -> str:
+        return f"{glob_escape(self.namespace)}:conv:*:history"
+
+    def stats(self, platform: str, workspace: str) -> str:
+        """Hash of counters: answered, declined, escalated, helpful, unhelpful."""
+        return f"{self.namespace}:stats:{platform}:{workspace}"
+
+    @property
+    def stats_pattern(self) -> str:
+        return f"{glob_escape(self.namespace)}:stats:*"
+
+    def user_conversations(self, platform: str, user_id: str) -> str:
+        """Set of the conversation ids a user wrote in (for "forget me"), expiring."""
+        return f"{self.namespace}:users:{platform}:{user_id}:conversations"
+
+    def display_name_pattern(self, platform: str, user_id: str) -> str:
+        return f"{glob_escape(self.namespace)}:names:{platform}:*:{glob_escape(user_id)}"
+
+    # -- per-workspace settings ------------------------------------------------------------
+
+    def workspace(self, platform: str, workspace: str) -> str:
+        """Hash of one Slack workspace's or Discord guild's settings (persona, kb…)."""
+        return f"{self.namespace}:workspaces:{platform}:{workspace}"
+
+    @property
+    def workspace_pattern(self) -> str:
+        return f"{glob_escape(self.namespace)}:workspaces:*"
+
+    # -- knowledge bases ---------------------------------------------------------------
+
+    @property
+    def knowledge_bases(self) -> str:
+        """Set of knowledge-base names."""
+        return f"{self.namespace}:kbs"
+
+    def _kb(self, kb: str) -> str:
+        return f"{self.namespace}:kb:{{{kb}}}"
+
+    def kb_documents(self, kb: str) -> str:
+        """Hash: document id (path relative to the ingested folder) -> JSON metadata."""
+        return self._kb(kb) + ":documents"
+
+    def kb_passages(self, kb: str) -> str:
+        """Hash: passage id -> JSON (document, title, section, text, vector as base64)."""
+        return self._kb(kb) + ":passages"
+
+    def kb_version(self, kb: str) -> str:
+        """Counter bumped on every change, so that workers know to reload the passages."""
+        return self._kb(kb) + ":version"
+
+
+def glob_escape(text: str) -> str:
+    """`text` matched literally in a Redis SCAN/KEYS pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

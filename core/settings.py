@@ -97,6 +97,16 @@ def _namespace(name: str, raw: str) -> str:
     return value
 
 
+def _unit_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(f"{name}={raw!r} must be between 0 and 1")
+    return value
+
+
 def _text(name: str, raw: str) -> str:
     return raw
 
@@ -146,6 +156,13 @@ class Settings:
     discord_gateway_url: str = _env(
         "DISCORD_GATEWAY_URL", _ws_url, default="wss://gateway.discord.gg/"
     )
+    # Customer service: the knowledge base, when to decline, who takes over. Workspaces can
+    # override kb, persona and support contacts (`chatbot workspace set`).
+    kb: str = _env("CHATBOT_KB", _namespace, default="default")
+    # Measured with bench/evaluate_kb.py on examples/ (balanced accuracy, see README).
+    kb_min_score: float = _env("CHATBOT_KB_MIN_SCORE", _unit_float, default=0.3)
+    support_channel: str = _env("CHATBOT_SUPPORT_CHANNEL", default="")
+    support_mention: str = _env("CHATBOT_SUPPORT_MENTION", default="")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens >= self.context_tokens:

@@ -98,10 +98,31 @@ class ConversationState:
     pending_reply: Reply | None
 
 
+# KEYS: state.  ARGV: seq.  Marks user messages up to seq answered without a reply (the
+# bot stays quiet during a handoff); a conversation that no longer exists is left alone.
+_MARK_ANSWERED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local answered = tonumber(redis.call('HGET', KEYS[1], 'answered') or '0')
+if answered >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'answered', ARGV[1])
+return 1
+"""
+
+
 class ConversationStore:
-    def __init__(self, redis: Redis, keys: Keys, *, max_messages: int, ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        max_messages: int,
+        ttl_s: int,
+        settings: Settings | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
+        # The process settings, for defaults of per-workspace settings.
+        self.settings = settings or Settings()
         self.max_messages = max_messages
         self.ttl_s = ttl_s
         self._add = redis.register_script(_ADD_MESSAGE)
@@ -110,6 +131,7 @@ class ConversationStore:
         self._clear_pending = redis.register_script(_CLEAR_PENDING)
         self._renew = redis.register_script(_RENEW_LOCK)
         self._release = redis.register_script(_RELEASE_LOCK)
+        self._mark_answered = redis.register_script(_MARK_ANSWERED)
 
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings) -> ConversationStore:
@@ -118,6 +140,7 @@ class ConversationStore:
             Keys(settings.namespace),
             max_messages=settings.history_max_messages,
             ttl_s=settings.history_ttl_s,
+            settings=settings,
         )
 
     async def add_message(
@@ -167,6 +190,9 @@ class ConversationStore:
         )
         return bool(committed)
 
+    async def mark_answered(self, conversation: ConversationKey, seq: int) -> bool:
+        return bool(await self._mark_answered(keys=[self.keys.state(conversation)], args=[seq]))
+
     async def clear_pending(self, reply: Reply) -> None:
         await self._clear_pending(keys=[self.keys.state(reply.conversation)], args=[reply.reply_id])
 
@@ -178,6 +204,7 @@ class ConversationStore:
             k.state(conversation),
             k.joined(conversation),
             k.placeholder(conversation),
+            k.handoff(conversation),
         )
 
     async def acquire_lock(self, conversation: ConversationKey, token: str, ttl_s: float) -> bool:

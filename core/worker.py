@@ -28,15 +28,31 @@ from dataclasses import dataclass
 
 from redis.exceptions import ResponseError
 
+from core.assistant import (
+    DECLINE_TEXT,
+    FORGET_DONE,
+    FRUSTRATION_OFFER,
+    GROUNDED_MAX_NEW_TOKENS,
+    Assistant,
+    Plan,
+    PlanKind,
+    compose_chat,
+    compose_grounded,
+)
 from core.conversation import ConversationKey, Message, Reply, Role
 from core.engine import Engine, Generation, GenerationRequest
 from core.errors import POLITE_FAILURE
+from core.feedback import Feedback
+from core.handoff import HANDOFF_NO_CONTACT, HANDOFF_STARTED, Handoffs, support_notice
 from core.jobs import Job, JobQueue
 from core.keys import Keys
+from core.privacy import UserData
 from core.prompt import build_prompt, finalize_reply
 from core.redis_conn import TRANSIENT_ERRORS, Redis, backoff_s, with_retry
+from core.retrieval import Retriever
 from core.settings import Settings
 from core.store import ConversationStore
+from core.workspaces import WorkspaceConfig, Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +68,8 @@ class Prepared:
     covers_seq: int
     reply_to: str
     request: GenerationRequest
+    plan: Plan
+    knowledge: bool
 
 
 def consumer_name() -> str:
@@ -60,13 +78,24 @@ def consumer_name() -> str:
 
 class Worker:
     def __init__(
-        self, redis: Redis, settings: Settings, engine: Engine, consumer: str | None = None
+        self,
+        redis: Redis,
+        settings: Settings,
+        engine: Engine,
+        consumer: str | None = None,
+        retriever: Retriever | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         keys = Keys(settings.namespace)
         self.store = ConversationStore.from_settings(redis, settings)
         self.queue = JobQueue(redis, keys, consumer or consumer_name())
+        self.retriever = retriever
+        self.assistant = Assistant(retriever, settings.kb_min_score)
+        self.workspaces = Workspaces(redis, keys, settings)
+        self.handoffs = Handoffs(redis, keys, settings.history_ttl_s)
+        self.feedback = Feedback(redis, keys, settings.history_ttl_s)
+        self.user_data = UserData(redis, keys, settings.history_ttl_s)
         self.stopping = asyncio.Event()
         self._deferred: dict[str, Job] = {}
         self._in_flight: dict[str, Prepared] = {}
@@ -223,15 +252,113 @@ class Worker:
             await self.store.release_lock(conversation, token)
             return None
         newest = users[-1]
-        turns = build_prompt(
-            self.settings.persona, history, self.engine, self.settings.max_new_tokens
-        )
+        if await self.handoffs.get(conversation) is not None:
+            # A person has the conversation: record, stay quiet.
+            await self.store.mark_answered(conversation, newest.seq)
+            await self.queue.ack([j.entry_id for j in waiting])
+            await self.store.release_lock(conversation, token)
+            return None
+        config = await self.workspaces.config(conversation.platform, conversation.workspace)
+        knowledge = bool(self.retriever and await self.retriever.passage_count(config.kb))
+        plan = await self.assistant.plan(history, config.persona, config.kb, knowledge=knowledge)
+        if not plan.generates:
+            try:
+                await self._answer_without_model(conversation, waiting, newest, plan, config)
+            finally:
+                await self.store.release_lock(conversation, token)
+            return None
+        max_new_tokens = self.settings.max_new_tokens
+        if plan.kind is PlanKind.GROUNDED:
+            max_new_tokens = min(max_new_tokens, GROUNDED_MAX_NEW_TOKENS)
+        turns = build_prompt(plan.system, history, self.engine, max_new_tokens)
         request = GenerationRequest(
             request_id=f"{conversation.id}:{newest.seq}",
             turns=turns,
-            max_new_tokens=self.settings.max_new_tokens,
+            max_new_tokens=max_new_tokens,
         )
-        return Prepared(conversation, waiting, token, newest.seq, newest.message_id, request)
+        return Prepared(
+            conversation,
+            waiting,
+            token,
+            newest.seq,
+            newest.message_id,
+            request,
+            plan,
+            knowledge,
+        )
+
+    async def _answer_without_model(
+        self,
+        conversation: ConversationKey,
+        jobs: list[Job],
+        newest: Message,
+        plan: Plan,
+        config: WorkspaceConfig,
+    ) -> None:
+        entry_ids = [j.entry_id for j in jobs]
+        reply_id = f"{conversation.id}:{newest.seq}"
+        if plan.kind is PlanKind.FORGET:
+            await self.user_data.forget(conversation.platform, newest.author_id)
+            # The conversation may be gone; nothing is committed into it again.
+            await self.store.mark_answered(conversation, newest.seq)
+            notice = Reply(reply_id, conversation, FORGET_DONE, newest.message_id, 0, "notice")
+            await self._deliver(notice)
+            await self.queue.ack(entry_ids)
+            return
+        if plan.kind is PlanKind.HANDOFF:
+            started = await self.handoffs.start(
+                conversation, newest.author_id, newest.author_name, "asked for a person"
+            )
+            handoff = await self.handoffs.get(conversation)
+            contact = bool(config.support_channel)
+            if started and handoff is not None and contact:
+                await self.queue.publish(
+                    support_notice(
+                        conversation,
+                        handoff,
+                        support_channel=config.support_channel,
+                        support_mention=config.support_mention,
+                        reply_to=newest.message_id,
+                    )
+                )
+            elif started:
+                log.warning(
+                    "handoff in %s: no support contact is configured for %s %s; set one with "
+                    "`chatbot workspace set %s %s --support-channel ID` or "
+                    "CHATBOT_SUPPORT_CHANNEL",
+                    conversation.id,
+                    conversation.platform,
+                    conversation.workspace,
+                    conversation.platform,
+                    conversation.workspace,
+                )
+            text = HANDOFF_STARTED if contact else HANDOFF_NO_CONTACT
+            reply = Reply(
+                reply_id,
+                conversation,
+                text,
+                newest.message_id,
+                newest.seq,
+                "handoff",
+                meta={"actions": ["release"]},
+            )
+        else:
+            log.info(
+                "no relevant passage for %s (best score %.3f < %.3f): declined",
+                reply_id,
+                plan.best_score,
+                self.settings.kb_min_score,
+            )
+            reply = Reply(
+                reply_id,
+                conversation,
+                DECLINE_TEXT,
+                newest.message_id,
+                newest.seq,
+                "decline",
+                meta={"actions": ["handoff"]},
+            )
+        await self._commit(reply, _assistant_message(reply), entry_ids)
 
     async def _ack_answered(
         self, conversation: ConversationKey, jobs: list[Job], answered: int
@@ -290,21 +417,24 @@ class Worker:
                 await self._failed(item, generation.error)
                 return
             text = finalize_reply(generation.text, generation.finish_reason)
+            meta: dict[str, object] = {"actions": ["feedback"]}
+            if item.plan.kind is PlanKind.GROUNDED:
+                text, sources = compose_grounded(text, item.plan.hits)
+                meta["sources"] = sources
+            else:
+                text = compose_chat(text, knowledge=item.knowledge)
+            if item.plan.offer_handoff:
+                text = f"{text}\n\n{FRUSTRATION_OFFER}"
+                meta["actions"] = ["feedback", "handoff"]
             reply = Reply(
                 reply_id=item.request.request_id,
                 conversation=item.conversation,
                 text=text,
                 reply_to=item.reply_to,
                 covers_seq=item.covers_seq,
+                meta=meta,
             )
-            message = Message(
-                role=Role.ASSISTANT,
-                text=text,
-                author_id=ASSISTANT_ID,
-                author_name=ASSISTANT_NAME,
-                message_id=reply.reply_id,
-                timestamp=time.time(),
-            )
+            message = _assistant_message(reply)
             log.debug(
                 "committing %s covering %d for jobs %s",
                 reply.reply_id,
@@ -323,6 +453,7 @@ class Worker:
             "committing a reply", lambda: self.store.commit_reply(reply, message)
         )
         if committed:
+            await with_retry("counting a reply", lambda: self.feedback.record_reply(reply))
             await self._deliver(reply)
         else:
             log.info("reply %s was already committed by another worker; dropped", reply.reply_id)
@@ -418,3 +549,14 @@ class Worker:
                 await self._announce()
             except TRANSIENT_ERRORS as exc:
                 log.warning("heartbeat could not reach Redis: %s", exc)
+
+
+def _assistant_message(reply: Reply) -> Message:
+    return Message(
+        role=Role.ASSISTANT,
+        text=reply.text,
+        author_id=ASSISTANT_ID,
+        author_name=ASSISTANT_NAME,
+        message_id=reply.reply_id,
+        timestamp=time.time(),
+    )

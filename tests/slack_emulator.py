@@ -258,6 +258,56 @@ async def post_slash_command(
     return await _post(url, body, headers)
 
 
+PERMALINK_BASE = "https://emulated.slack.com/archives"
+
+
+def block_action(
+    action_id: str,
+    value: str,
+    *,
+    user: str = "U1",
+    channel: str = "C1",
+    message_ts: str = "",
+    thread_ts: str | None = None,
+    team_id: str = DEFAULT_TEAM_ID,
+    api_app_id: str = DEFAULT_APP_ID,
+) -> JsonDict:
+    """The payload of a button click (`block_actions`) on a bot message."""
+    message: JsonDict = {"type": "message", "ts": message_ts or next_ts(), "text": ""}
+    if thread_ts:
+        message["thread_ts"] = thread_ts
+    return {
+        "type": "block_actions",
+        "team": {"id": team_id, "domain": "emulated"},
+        "user": {"id": user, "username": f"user-{user.lower()}", "team_id": team_id},
+        "api_app_id": api_app_id,
+        "token": "verification-token",
+        "container": {"type": "message", "message_ts": message["ts"], "channel_id": channel},
+        "trigger_id": f"trigger.{uuid.uuid4().hex}",
+        "channel": {"id": channel, "name": "general"},
+        "message": message,
+        "response_url": "https://hooks.slack.com/actions/T0001/1/emulated",
+        "actions": [
+            {
+                "type": "button",
+                "action_id": action_id,
+                "block_id": "actions",
+                "value": value,
+                "action_ts": next_ts(),
+            }
+        ],
+    }
+
+
+async def post_interaction(url: str, signing_secret: str, payload: JsonDict) -> tuple[int, str]:
+    """POSTs an interactivity payload as Slack does: form-encoded `payload=<json>`, signed."""
+    body = urlencode({"payload": json.dumps(payload)}).encode()
+    headers = sign_request(
+        signing_secret, body, None, content_type="application/x-www-form-urlencoded"
+    )
+    return await _post(url, body, headers)
+
+
 async def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
     headers = {"User-Agent": "Slackbot 1.0 (+https://api.slack.com/robots)", **headers}
     timeout = aiohttp.ClientTimeout(total=10)
@@ -346,6 +396,7 @@ class SlackEmulator:
             "chat.postMessage": self._chat_post_message,
             "chat.postEphemeral": self._chat_post_ephemeral,
             "chat.update": self._chat_update,
+            "chat.getPermalink": self._chat_get_permalink,
             "chat.delete": self._chat_delete,
             "users.info": self._users_info,
             "conversations.info": self._conversations_info,
@@ -704,6 +755,15 @@ class SlackEmulator:
             "ts": found.ts,
             "text": found.text,
             "message": self._bot_message(found.text, found.ts, found.blocks, found.thread_ts),
+        }
+
+    def _chat_get_permalink(self, params: JsonDict) -> JsonDict:
+        channel, ts = str(params.get("channel", "")), str(params.get("message_ts", ""))
+        if not channel or not ts:
+            return {"ok": False, "error": "invalid_arguments"}
+        return {
+            "channel": channel,
+            "permalink": f"{PERMALINK_BASE}/{channel}/p{ts.replace('.', '')}",
         }
 
     def _chat_delete(self, params: JsonDict) -> JsonDict:

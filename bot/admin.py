@@ -1,0 +1,362 @@
+"""Operator commands: knowledge bases, workspaces, stats, transcripts, user data, handoffs.
+
+Each connects to REDIS_URL, or to the Redis of a running `chatbot run`, or else starts the
+embedded Redis (same data directory) for the length of the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from core.conversation import ConversationKey
+from core.embeddings import load_embedder
+from core.errors import SettingsError
+from core.feedback import read_stats
+from core.handoff import Handoffs, release_and_announce
+from core.jobs import JobQueue
+from core.kb import KnowledgeBaseStore, check_kb_name
+from core.keys import Keys
+from core.privacy import UserData, import_transcript, parse_transcript, transcript_lines
+from core.redis_conn import TRANSIENT_ERRORS, Redis, connect, mask_url
+from core.redis_server import RedisServer
+from core.retrieval import Retriever
+from core.settings import Settings
+from core.store import ConversationStore
+from core.workspaces import FIELDS, Workspaces
+
+Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def url_file(settings: Settings) -> Path:
+    return settings.data_dir / "redis.url"
+
+
+@contextlib.asynccontextmanager
+async def admin_redis(settings: Settings) -> AsyncIterator[Redis]:
+    server: RedisServer | None = None
+    if settings.redis_url:
+        url = settings.redis_url
+    elif url_file(settings).is_file():
+        url = url_file(settings).read_text().strip()
+    else:
+        server = RedisServer(settings.data_dir / "redis")
+        url = await asyncio.to_thread(server.start)
+    redis = connect(url)
+    try:
+        try:
+            await redis.ping()
+        except TRANSIENT_ERRORS as exc:
+            raise SettingsError(f"cannot reach Redis at {mask_url(url)}: {exc}") from exc
+        yield redis
+    finally:
+        await redis.aclose()
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+
+
+# -- knowledge bases ------------------------------------------------------------------------
+
+
+async def ingest(settings: Settings, redis: Redis, folder: Path, kb: str, prune: bool) -> str:
+    """Ingest `folder` into `kb` with a progress bar; returns the summary line."""
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    from core.kb import read_documents
+
+    check_kb_name(kb)
+    total = sum(len(d.passages) for d in read_documents(folder))
+    embedder = await asyncio.to_thread(load_embedder)
+    store = KnowledgeBaseStore(redis, Keys(settings.namespace))
+    with tqdm(total=total, unit="passage", desc=f"kb {kb}", file=sys.stderr) as bar:
+        report = await store.ingest(kb, folder, embedder, prune=prune, progress=bar.update)
+        bar.update(total - bar.n)  # unchanged documents count as done
+    return f"knowledge base {kb!r} from {folder}: {report.summary()}"
+
+
+async def cmd_kb_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    async with admin_redis(settings) as redis:
+        print(await ingest(settings, redis, Path(args.path), args.kb or settings.kb, args.prune))
+    return 0
+
+
+async def cmd_kb_list(settings: Settings, args: argparse.Namespace) -> int:
+    async with admin_redis(settings) as redis:
+        store = KnowledgeBaseStore(redis, Keys(settings.namespace))
+        names = [args.kb] if args.kb else await store.names()
+        if not names:
+            print("no knowledge base yet: load one with `chatbot kb ingest PATH`")
+        for name in names:
+            documents = await store.documents(name)
+            passages = sum(len(d.get("passages", [])) for d in documents.values())
+            print(f"{name}: {len(documents)} documents, {passages} passages")
+            for doc_id, meta in sorted(documents.items()):
+                print(f"  {doc_id}  {meta.get('title', '')!r}  ({len(meta['passages'])} passages)")
+    return 0
+
+
+async def cmd_kb_remove(settings: Settings, args: argparse.Namespace) -> int:
+    async with admin_redis(settings) as redis:
+        store = KnowledgeBaseStore(redis, Keys(settings.namespace))
+        if args.document:
+            found = await store.remove_document(args.kb, args.document)
+            what = f"document {args.document!r} of {args.kb!r}"
+        else:
+            found = await store.remove(args.kb)
+            what = f"knowledge base {args.kb!r}"
+    print(f"removed {what}" if found else f"no {what}", file=sys.stdout if found else sys.stderr)
+    return 0 if found else 1
+
+
+async def cmd_kb_search(settings: Settings, args: argparse.Namespace) -> int:
+    """Show what retrieval finds for a question, with scores: for tuning the threshold."""
+    async with admin_redis(settings) as redis:
+        embedder = await asyncio.to_thread(load_embedder)
+        retriever = Retriever(KnowledgeBaseStore(redis, Keys(settings.namespace)), embedder)
+        kb = args.kb or settings.kb
+        hits = await retriever.search(kb, args.question, top_k=args.top)
+    print(f"threshold (CHATBOT_KB_MIN_SCORE): {settings.kb_min_score:.3f}")
+    for hit in hits:
+        mark = "relevant" if hit.score >= settings.kb_min_score else "below"
+        print(
+            f"{hit.score:.3f} (cosine {hit.cosine:.3f}, overlap {hit.overlap:.3f}) {mark}  "
+            f"{hit.passage.title} / {hit.passage.section}"
+        )
+    return 0
+
+
+# -- workspaces -----------------------------------------------------------------------------
+
+
+async def cmd_workspace_list(settings: Settings, args: argparse.Namespace) -> int:
+    async with admin_redis(settings) as redis:
+        found = await Workspaces(redis, Keys(settings.namespace), settings).all()
+    if not found:
+        print("no workspace settings: every workspace uses the process settings")
+    for name, overrides in found.items():
+        print(f"{name}: {json.dumps(overrides, ensure_ascii=False)}")
+    return 0
+
+
+async def cmd_workspace_show(settings: Settings, args: argparse.Namespace) -> int:
+    async with admin_redis(settings) as redis:
+        workspaces = Workspaces(redis, Keys(settings.namespace), settings)
+        overrides = await workspaces.overrides(args.platform, args.workspace)
+        config = await workspaces.config(args.platform, args.workspace)
+    effective = {
+        "persona": config.persona,
+        "kb": config.kb,
+        "support_channel": config.support_channel,
+        "support_mention": config.support_mention,
+        "channels": ",".join(sorted(config.channels)),
+    }
+    for name, value in effective.items():
+        origin = "workspace" if name in overrides else "default"
+        print(f"{name} ({origin}): {value!r}")
+    return 0
+
+
+async def cmd_workspace_set(settings: Settings, args: argparse.Namespace) -> int:
+    values = {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
+    if not values:
+        raise SettingsError("nothing to set: give at least one of " + ", ".join(_flags()))
+    async with admin_redis(settings) as redis:
+        await Workspaces(redis, Keys(settings.namespace), settings).set(
+            args.platform, args.workspace, values
+        )
+    print(f"{args.platform} {args.workspace}: set {', '.join(values)}")
+    return 0
+
+
+async def cmd_workspace_unset(settings: Settings, args: argparse.Namespace) -> int:
+    names = [n.replace("-", "_") for n in args.names]
+    async with admin_redis(settings) as redis:
+        await Workspaces(redis, Keys(settings.namespace), settings).unset(
+            args.platform, args.workspace, names
+        )
+    print(f"{args.platform} {args.workspace}: unset {', '.join(names)}")
+    return 0
+
+
+def _flags() -> list[str]:
+    return ["--" + name.replace("_", "-") for name in FIELDS]
+
+
+# -- stats, transcripts, users, handoffs ------------------------------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.1f} %"
+
+
+async def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    async with admin_redis(settings) as redis:
+        stats = await read_stats(redis, Keys(settings.namespace), args.platform, args.workspace)
+    data = stats.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rated = data["helpful"] + data["unhelpful"]
+    print(f"replies:    {data['replies']}")
+    print(f"answered:   {data['answered']} ({_percent(data['answered_rate'])})")
+    print(f"declined:   {data['declined']} (no relevant passage; a person was offered)")
+    print(f"escalated:  {data['escalated']} ({_percent(data['escalated_rate'])})")
+    print(f"helpful:    {data['helpful']} of {rated} rated ({_percent(data['helpful_rate'])})")
+    return 0
+
+
+async def cmd_conversation_list(settings: Settings, args: argparse.Namespace) -> int:
+    keys = Keys(settings.namespace)
+    prefix, suffix = f"{settings.namespace}:conv:{{", "}:history"
+    async with admin_redis(settings) as redis:
+        async for key in redis.scan_iter(match=keys.history_pattern):
+            name = str(key)
+            if name.startswith(prefix) and name.endswith(suffix):
+                print(f"{name[len(prefix) : -len(suffix)]}  ({await redis.llen(key)} messages)")
+    return 0
+
+
+async def cmd_conversation_export(settings: Settings, args: argparse.Namespace) -> int:
+    conversation = ConversationKey.from_id(args.conversation)
+    async with admin_redis(settings) as redis:
+        messages = await ConversationStore.from_settings(redis, settings).history(conversation)
+    if not messages:
+        print(f"no stored messages in {args.conversation}", file=sys.stderr)
+        return 1
+    text = "".join(line + "\n" for line in transcript_lines(conversation, messages))
+    if args.output and args.output != "-":
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"{len(messages)} messages written to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+async def cmd_conversation_import(settings: Settings, args: argparse.Namespace) -> int:
+    lines = Path(args.path).read_text(encoding="utf-8").splitlines()
+    try:
+        found, messages = parse_transcript(lines)
+    except ValueError as exc:
+        raise SettingsError(f"{args.path}: {exc}") from exc
+    target = ConversationKey.from_id(args.conversation) if args.conversation else found
+    if target is None:
+        raise SettingsError(f"{args.path} holds no messages")
+    async with admin_redis(settings) as redis:
+        store = ConversationStore.from_settings(redis, settings)
+        count = await import_transcript(store, target, messages)
+    print(f"{count} messages imported into {target.id}")
+    return 0
+
+
+async def cmd_user_forget(settings: Settings, args: argparse.Namespace) -> int:
+    async with admin_redis(settings) as redis:
+        report = await UserData(redis, Keys(settings.namespace), settings.history_ttl_s).forget(
+            args.platform, args.user
+        )
+    print(f"{args.platform} user {args.user}: {report.summary()}")
+    return 0
+
+
+async def cmd_handoff_release(settings: Settings, args: argparse.Namespace) -> int:
+    conversation = ConversationKey.from_id(args.conversation)
+    keys = Keys(settings.namespace)
+    async with admin_redis(settings) as redis:
+        released = await release_and_announce(
+            Handoffs(redis, keys, settings.history_ttl_s),
+            JobQueue(redis, keys),
+            conversation,
+            by="operator (CLI)",
+        )
+    if not released:
+        print(f"{args.conversation} is not with a person", file=sys.stderr)
+        return 1
+    print(f"{args.conversation} is back with the bot")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def _command(group: Any, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_admin_commands(sub: Any) -> None:
+    kb = sub.add_parser("kb", help="manage knowledge bases").add_subparsers(
+        dest="kb_command", required=True, metavar="ACTION"
+    )
+    p = _command(kb, "ingest", cmd_kb_ingest, "load a folder of Markdown/text/FAQ files")
+    p.add_argument("path", help="a folder (or one file)")
+    p.add_argument("--kb", help="knowledge base name (default: CHATBOT_KB, 'default')")
+    p.add_argument(
+        "--no-prune",
+        dest="prune",
+        action="store_false",
+        help="keep documents ingested earlier from this folder that are no longer in it",
+    )
+    p = _command(kb, "list", cmd_kb_list, "list knowledge bases and their documents")
+    p.add_argument("--kb", help="only this knowledge base")
+    p = _command(kb, "remove", cmd_kb_remove, "remove a knowledge base, or one document")
+    p.add_argument("kb", help="knowledge base name")
+    p.add_argument("--document", help="only this document (its path, as `kb list` shows it)")
+    p = _command(kb, "search", cmd_kb_search, "show the passages a question retrieves, scored")
+    p.add_argument("question")
+    p.add_argument("--kb", help="knowledge base name (default: CHATBOT_KB)")
+    p.add_argument("--top", type=int, default=3)
+
+    ws = sub.add_parser("workspace", help="per-workspace settings").add_subparsers(
+        dest="workspace_command", required=True, metavar="ACTION"
+    )
+    _command(ws, "list", cmd_workspace_list, "list workspaces with settings of their own")
+    for name, handler, help_text in (
+        ("show", cmd_workspace_show, "show a workspace's effective settings"),
+        ("set", cmd_workspace_set, "set a workspace's settings"),
+        ("unset", cmd_workspace_unset, "go back to the default for some settings"),
+    ):
+        p = _command(ws, name, handler, help_text)
+        p.add_argument("platform", choices=["slack", "discord", "console"])
+        p.add_argument("workspace", help="Slack team id (T…) or Discord guild id")
+        if name == "set":
+            for field_name, meaning in FIELDS.items():
+                p.add_argument("--" + field_name.replace("_", "-"), dest=field_name, help=meaning)
+        if name == "unset":
+            p.add_argument(
+                "names", nargs="+", choices=[*FIELDS, *(f.replace("_", "-") for f in FIELDS)]
+            )
+
+    p = _command(sub, "stats", cmd_stats, "answered / escalated / helpful rates")
+    p.add_argument("--platform", default="")
+    p.add_argument("--workspace", default="")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    conv = sub.add_parser("conversation", help="list, export, import transcripts").add_subparsers(
+        dest="conversation_command", required=True, metavar="ACTION"
+    )
+    _command(conv, "list", cmd_conversation_list, "list stored conversations")
+    p = _command(conv, "export", cmd_conversation_export, "export a transcript as JSON Lines")
+    p.add_argument("conversation", help="conversation id, as `conversation list` shows it")
+    p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p = _command(conv, "import", cmd_conversation_import, "import a JSON Lines transcript")
+    p.add_argument("path")
+    p.add_argument("--conversation", help="into this conversation id (default: the file's)")
+
+    user = sub.add_parser("user", help="user data").add_subparsers(
+        dest="user_command", required=True, metavar="ACTION"
+    )
+    p = _command(user, "forget", cmd_user_forget, "delete a user's messages and feedback")
+    p.add_argument("platform", choices=["slack", "discord", "console"])
+    p.add_argument("user", help="the user's platform id")
+
+    handoff = sub.add_parser("handoff", help="conversations with a person").add_subparsers(
+        dest="handoff_command", required=True, metavar="ACTION"
+    )
+    p = _command(handoff, "release", cmd_handoff_release, "give a conversation back to the bot")
+    p.add_argument("conversation", help="conversation id")

@@ -1,0 +1,114 @@
+"""What the bot answered, how users rated it, and the counters `chatbot stats` prints.
+
+Each answer is recorded in its conversation (`Keys.answers`: kind and sources) and expires
+with it. A rating (+1 / -1, one per user per answer; a second click changes it) is stored
+beside it (`Keys.feedback`). Counters per workspace (`Keys.stats`) are plain numbers with no
+personal data, kept after conversations expire.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from core.conversation import ConversationKey, Reply
+from core.keys import Keys
+from core.redis_conn import Redis
+
+# reply kind -> the counter it bumps
+KIND_COUNTERS = {"answer": "answered", "decline": "declined", "handoff": "escalated"}
+COUNTERS = ("answered", "declined", "escalated", "helpful", "unhelpful")
+
+# KEYS: feedback, stats.  ARGV: field, rating (1 or -1), ttl_s.
+# Returns the previous rating (0 if none).
+_RATE = """
+local previous = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local rating = tonumber(ARGV[2])
+if previous == rating then return previous end
+redis.call('HSET', KEYS[1], ARGV[1], rating)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if previous == 1 then redis.call('HINCRBY', KEYS[2], 'helpful', -1) end
+if previous == -1 then redis.call('HINCRBY', KEYS[2], 'unhelpful', -1) end
+if rating == 1 then redis.call('HINCRBY', KEYS[2], 'helpful', 1) end
+if rating == -1 then redis.call('HINCRBY', KEYS[2], 'unhelpful', 1) end
+return previous
+"""
+
+
+def conversation_of_reply(reply_id: str) -> ConversationKey:
+    """Reply ids start with their conversation id (see `Reply.reply_id`)."""
+    return ConversationKey.from_id(":".join(reply_id.split(":")[:4]))
+
+
+class Feedback:
+    def __init__(self, redis: Redis, keys: Keys, ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_s = ttl_s
+        # Not on a conversation's slot: the stats key is shared, so this runs as two calls
+        # on a cluster-unaware client; on one Redis it is atomic.
+        self._rate = redis.register_script(_RATE)
+
+    async def record_reply(self, reply: Reply) -> None:
+        """Count a committed reply and remember what it was, for ratings and stats."""
+        counter = KIND_COUNTERS.get(reply.kind)
+        if counter is None:
+            return
+        conv = reply.conversation
+        record = {"kind": reply.kind, "sources": reply.meta.get("sources", []), "at": time.time()}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.answers(conv), reply.reply_id, json.dumps(record))
+            pipe.expire(self.keys.answers(conv), self.ttl_s)
+            pipe.hincrby(self.keys.stats(conv.platform, conv.workspace), counter, 1)
+            await pipe.execute()
+
+    async def rate(self, reply_id: str, user_id: str, helpful: bool) -> bool:
+        """Store a user's rating of an answer; False when the answer is unknown (expired)."""
+        conv = conversation_of_reply(reply_id)
+        if not await self.redis.hexists(self.keys.answers(conv), reply_id):
+            return False
+        await self._rate(
+            keys=[self.keys.feedback(conv), self.keys.stats(conv.platform, conv.workspace)],
+            args=[f"{reply_id}|{user_id}", 1 if helpful else -1, self.ttl_s],
+        )
+        return True
+
+    async def ratings(self, conversation: ConversationKey) -> dict[str, int]:
+        raw = await self.redis.hgetall(self.keys.feedback(conversation))
+        return {str(k): int(v) for k, v in raw.items()}
+
+
+@dataclass(frozen=True)
+class Stats:
+    counts: dict[str, int]
+
+    def rate(self, part: str, whole: int) -> float | None:
+        return self.counts.get(part, 0) / whole if whole else None
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.counts
+        replies = c["answered"] + c["declined"] + c["escalated"]
+        rated = c["helpful"] + c["unhelpful"]
+        return {
+            **c,
+            "replies": replies,
+            "answered_rate": self.rate("answered", replies),
+            "escalated_rate": self.rate("escalated", replies),
+            "helpful_rate": self.rate("helpful", rated),
+        }
+
+
+async def read_stats(redis: Redis, keys: Keys, platform: str = "", workspace: str = "") -> Stats:
+    """Counters summed over the workspaces that match (all when both are empty)."""
+    totals = dict.fromkeys(COUNTERS, 0)
+    prefix = keys.stats("", "")[:-2]
+    async for key in redis.scan_iter(match=keys.stats_pattern):
+        key_platform, _, key_workspace = str(key)[len(prefix) + 1 :].partition(":")
+        if (platform and key_platform != platform) or (workspace and key_workspace != workspace):
+            continue
+        for name, value in (await redis.hgetall(key)).items():
+            if name in totals:
+                totals[name] += int(value)
+    return Stats(totals)

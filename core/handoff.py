@@ -1,0 +1,130 @@
+"""Handing a conversation to a human agent, and back.
+
+While a handoff is active (`Keys.handoff`), the bot stays quiet in that conversation: the
+customer's messages are still recorded, and messages from anyone else in it (the agents) are
+recorded with the `human_agent` role, so that the model knows what was said when it resumes.
+An agent releases the conversation (a button, `chatbot handoff release`), and the bot answers
+the next message again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from core.conversation import ConversationKey, Reply
+from core.jobs import JobQueue
+from core.keys import Keys
+from core.redis_conn import Redis
+
+log = logging.getLogger(__name__)
+
+HANDOFF_STARTED = (
+    "I've asked a person from our support team to join this conversation; they'll reply "
+    "here. I'll stay quiet until they hand it back to me."
+)
+HANDOFF_ALREADY = "A person from our support team has been asked to join; they'll reply here."
+HANDOFF_NO_CONTACT = (
+    "I've flagged this conversation for our support team; a person will reply here as soon "
+    "as they can. I'll stay quiet until they hand it back to me."
+)
+HANDOFF_RELEASED = "Thanks for waiting! I'm back; ask me anything, or ask for a person again."
+
+
+@dataclass(frozen=True)
+class Handoff:
+    customer_id: str
+    customer_name: str
+    reason: str
+    since: float
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> Handoff:
+        return cls(
+            customer_id=raw.get("customer_id", ""),
+            customer_name=raw.get("customer_name", ""),
+            reason=raw.get("reason", ""),
+            since=float(raw.get("since", 0)),
+        )
+
+
+class Handoffs:
+    def __init__(self, redis: Redis, keys: Keys, ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_s = ttl_s
+
+    async def get(self, conversation: ConversationKey) -> Handoff | None:
+        raw = await self.redis.hgetall(self.keys.handoff(conversation))
+        return Handoff.from_hash({str(k): str(v) for k, v in raw.items()}) if raw else None
+
+    async def start(
+        self, conversation: ConversationKey, customer_id: str, customer_name: str, reason: str
+    ) -> bool:
+        """Mark the conversation handed off; False when it already was."""
+        key = self.keys.handoff(conversation)
+        created = await self.redis.hsetnx(key, "customer_id", customer_id)
+        if not created:
+            return False
+        await self.redis.hset(
+            key,
+            mapping={"customer_name": customer_name, "reason": reason, "since": time.time()},
+        )
+        await self.redis.expire(key, self.ttl_s)
+        log.info("conversation %s handed to a human (%s)", conversation.id, reason)
+        return True
+
+    async def release(self, conversation: ConversationKey, by: str) -> Handoff | None:
+        """End the handoff; returns what it was, or None when there was none."""
+        key = self.keys.handoff(conversation)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            pipe.delete(key)
+            raw, _ = await pipe.execute()
+        if not raw:
+            return None
+        log.info("conversation %s released back to the bot by %s", conversation.id, by)
+        return Handoff.from_hash({str(k): str(v) for k, v in raw.items()})
+
+
+def support_notice(
+    conversation: ConversationKey,
+    handoff: Handoff,
+    *,
+    support_channel: str,
+    support_mention: str,
+    reply_to: str,
+) -> Reply:
+    """The message for the support channel; the adapter adds the mention and a link."""
+    return Reply(
+        reply_id=f"{conversation.id}:support:{int(handoff.since * 1000)}",
+        conversation=conversation,
+        text=(
+            f"{handoff.customer_name or handoff.customer_id} asked for a person ({handoff.reason})."
+        ),
+        reply_to=reply_to,
+        covers_seq=0,
+        kind="support",
+        meta={"target_channel": support_channel, "mention": support_mention},
+    )
+
+
+async def release_and_announce(
+    handoffs: Handoffs, queue: JobQueue, conversation: ConversationKey, by: str
+) -> bool:
+    """Release a handoff and tell the conversation that the bot is back."""
+    released = await handoffs.release(conversation, by)
+    if released is None:
+        return False
+    notice = Reply(
+        reply_id=f"{conversation.id}:released:{int(time.time() * 1000)}",
+        conversation=conversation,
+        text=HANDOFF_RELEASED,
+        reply_to="",
+        covers_seq=0,
+        kind="notice",
+        meta={"released_by": by},
+    )
+    await queue.publish(notice)
+    return True
