@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test check bench setup redis-server clean
 
 run: setup redis-server
-	$(BIN)/chatbot run
+	$(BIN)/chatbot run --ingest examples/kb
 
 test: setup redis-server
 	$(BIN)/python -m pytest

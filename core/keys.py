@@ -161,6 +161,10 @@ class Keys:
         """Counter bumped on every change, so that workers know to reload the passages."""
         return self._kb(kb) + ":version"
 
+    def reply_of_message(self, platform: str, channel: str, message_id: str) -> str:
+        """The reply id a bot message shows, so that a reaction to it rates that reply."""
+        return f"{self.namespace}:replies:{platform}:{channel}:{message_id}"
+
 
 def glob_escape(text: str) -> str:
     """`text` matched literally in a Redis SCAN/KEYS pattern."""

@@ -115,12 +115,12 @@ class UserData:
         report.conversations_edited.append(conversation.id)
 
     async def _drop_stream_entries(self, platform: str, conversation_ids: list[str]) -> None:
-        """Posted replies and dead letters of deleted conversations (streams are bounded,
-        so this scan is too)."""
+        """Jobs, posted replies and dead letters of deleted conversations (streams are
+        bounded, so this scan is too)."""
         if not conversation_ids:
             return
         wanted = set(conversation_ids)
-        for stream in (self.keys.outbox(platform), self.keys.dead_letter):
+        for stream in (self.keys.jobs, self.keys.outbox(platform), self.keys.dead_letter):
             entries: Any = await self.redis.xrange(stream)
             doomed = [
                 entry_id for entry_id, fields in entries if fields.get("conversation") in wanted

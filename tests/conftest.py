@@ -107,3 +107,11 @@ def bundled_engine(model_dir: Path) -> TransformersEngine:
         {"CHATBOT_CACHE_DIR": str(CACHE_DIR), "CHATBOT_MAX_NEW_TOKENS": "48"}
     )
     return load_engine(settings, print)
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Any:
+    """The bundled all-MiniLM-L6-v2 embedding model (loads in a few seconds)."""
+    from core.embeddings import load_embedder
+
+    return load_embedder()

@@ -95,9 +95,20 @@ class ScriptedEngine(RecordingEngine):
     """An engine whose answers a test writes (`answer(request) -> text`); token counting is
     the real tokenizer's. For adapter tests, where what matters is what gets posted."""
 
-    def __init__(self, inner: TransformersEngine, answer: Callable[[GenerationRequest], str]):
+    def __init__(
+        self,
+        inner: TransformersEngine,
+        answer: Callable[[GenerationRequest], str],
+        context_tokens: int | None = None,
+    ):
         super().__init__(inner)
         self.answer = answer
+        # Nothing is generated, so a context larger than the inner model's is fine.
+        self._context_tokens = context_tokens
+
+    @property
+    def context_tokens(self) -> int:
+        return self._context_tokens or self.inner.context_tokens
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         self.batches.append(list(requests))

@@ -13,7 +13,7 @@ import pytest
 
 from core.assistant import DECLINE_TEXT, QUOTE_INTRO, detect_intent, invented_facts
 from core.conversation import ConversationKey
-from core.embeddings import Embedder, load_embedder
+from core.embeddings import Embedder
 from core.hf_engine import TransformersEngine
 from core.kb import KnowledgeBaseError, KnowledgeBaseStore, read_documents
 from core.keys import Keys
@@ -24,11 +24,6 @@ from core.workspaces import Workspaces
 from tests.helpers import ScriptedEngine, outbox, submit, wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kb"
-
-
-@pytest.fixture(scope="session")
-def embedder() -> Embedder:
-    return load_embedder()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from core.errors import POLITE_FAILURE
 from core.hf_engine import TransformersEngine
 from core.keys import Keys
 from core.redis_server import free_port
+from core.retrieval import Retriever
 from core.settings import Settings
 from core.worker import Worker
 from tests.helpers import RecordingEngine, ScriptedEngine, echo_answer, make_store, wait_for
@@ -80,7 +81,13 @@ async def start_adapter(
     return task, url + "/slack/events"
 
 
-async def make_harness(redis: Any, make_settings: Any, engine: Engine, **overrides: str) -> Harness:
+async def make_harness(
+    redis: Any,
+    make_settings: Any,
+    engine: Engine,
+    retriever: Retriever | None = None,
+    **overrides: str,
+) -> Harness:
     emulator = SlackEmulator()
     await emulator.start()
     emulator.add_user("U1", display_name="ann")
@@ -94,7 +101,7 @@ async def make_harness(redis: Any, make_settings: Any, engine: Engine, **overrid
     )
     harness = Harness(emulator, settings, redis, "", engine)
     task, harness.url = await start_adapter(settings, redis, harness.stop)
-    worker = Worker(redis, settings, engine)
+    worker = Worker(redis, settings, engine, retriever=retriever)
     harness.worker = worker
     harness.tasks += [task, asyncio.create_task(worker.run())]
     return harness

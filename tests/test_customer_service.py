@@ -1,0 +1,284 @@
+"""The customer-service cycle through Slack (real slack-bolt against the emulator, real Redis,
+real worker, real embedding model and the example knowledge base): a grounded answer with
+feedback buttons, a rating, a handoff to a person, the bot silent while the agent talks, the
+release, and the bot resuming with the agent's words in its context. Also forget-me and
+transcript export/import."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.conversation import ConversationKey, Message, Role
+from core.embeddings import Embedder
+from core.feedback import Feedback, read_stats
+from core.handoff import HANDOFF_RELEASED, HANDOFF_STARTED
+from core.hf_engine import TransformersEngine
+from core.kb import KnowledgeBaseStore
+from core.keys import Keys
+from core.privacy import UserData, import_transcript, parse_transcript, transcript_lines
+from core.retrieval import Retriever
+from core.settings import Settings
+from core.worker import Worker
+from core.workspaces import Workspaces
+from tests.helpers import ScriptedEngine, make_store, outbox, submit, wait_for
+from tests.slack_emulator import app_mention, block_action, message, post_interaction
+from tests.test_slack import TEAM, Harness, close, conversation, make_harness
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kb"
+SUPPORT_CHANNEL = "CSUPPORT"
+SUPPORT_GROUP = "S0SUPPORT"
+
+
+@pytest.fixture
+async def cs_slack(
+    redis: Any, make_settings: Any, keys: Keys, embedder: Embedder, tiny_engine: TransformersEngine
+) -> AsyncIterator[Harness]:
+    kb_store = KnowledgeBaseStore(redis, keys)
+    await kb_store.ingest("default", EXAMPLES, embedder)
+    engine = ScriptedEngine(tiny_engine, lambda r: "Here is what I found.", context_tokens=2048)
+    harness = await make_harness(
+        redis,
+        make_settings,
+        engine,
+        retriever=Retriever(kb_store, embedder),
+        CHATBOT_MAX_NEW_TOKENS="32",
+    )
+    await Workspaces(redis, keys, harness.settings).set(
+        "slack", TEAM, {"support_channel": SUPPORT_CHANNEL, "support_mention": SUPPORT_GROUP}
+    )
+    yield harness
+    await close(harness)
+
+
+def buttons(posted: dict[str, Any]) -> dict[str, str]:
+    """action_id -> value of the buttons on a posted Slack message."""
+    found = {}
+    for block in posted.get("blocks") or []:
+        for element in block.get("elements", []):
+            found[element["action_id"]] = element["value"]
+    return found
+
+
+def last_post_with(harness: Harness, action_id: str) -> dict[str, Any]:
+    posts = [
+        c.params
+        for c in harness.emulator.calls
+        if c.method in ("chat.postMessage", "chat.update")
+        and action_id in buttons({"blocks": _json(c.params.get("blocks"))})
+    ]
+    assert posts, f"no message with a {action_id} button"
+    return {**posts[-1], "blocks": _json(posts[-1].get("blocks"))}
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+async def test_answer_rate_hand_off_release_and_resume(cs_slack: Harness) -> None:
+    slack, emulator = cs_slack, cs_slack.emulator
+    url = slack.url.replace("/slack/events", "/slack/events")
+    root = app_mention("<@UBOT> how much does standard shipping cost?", channel="C1")
+    conv = conversation("C1", root["ts"])
+    await slack.send(root)
+
+    # 1. A grounded answer, quoting the knowledge base, citing it, with feedback buttons.
+    texts = await slack.wait_thread("C1", root["ts"], lambda t: any("Source:" in x for x in t))
+    answer = next(x for x in texts if "Source:" in x)
+    assert "$5.95" in answer and answer.startswith("Here is what I found.")
+    post = last_post_with(slack, "feedback_up")
+    reply_id = buttons(post)["feedback_up"]
+
+    # 2. Thumbs up: stored with the answer, counted, thanked.
+    status, _ = await post_interaction(
+        url, "test-signing-secret", block_action("feedback_up", reply_id, user="U1", channel="C1")
+    )
+    assert status == 200
+    feedback = Feedback(slack.redis, Keys(slack.settings.namespace), 3600)
+    await wait_for(lambda: _ratings(feedback, conv), 10, "the rating")
+    assert await feedback.ratings(conv) == {f"{reply_id}|U1": 1}
+    await emulator.wait_for(lambda: bool(emulator.calls_to("chat.postEphemeral")), 10)
+
+    # 3. The customer asks for a person: told so, the support channel is alerted with the
+    # user group and a link to the thread.
+    await slack.send(message("can I talk to a person please", thread_ts=root["ts"]))
+    await slack.wait_thread("C1", root["ts"], lambda t: HANDOFF_STARTED in t)
+    alerts = await slack.wait_thread(SUPPORT_CHANNEL, None, lambda t: len(t) == 1)
+    assert f"<!subteam^{SUPPORT_GROUP}>" in alerts[0] and "ann asked for a person" in alerts[0]
+    assert f"/C1/p{root['ts'].replace('.', '')}" in alerts[0]
+    release_value = buttons(last_post_with(slack, "handoff_release"))["handoff_release"]
+    assert release_value == conv.id
+
+    # 4. The bot stays quiet; the customer's and the agent's words are recorded.
+    before = len(slack.thread("C1", root["ts"]))
+    await slack.send(message("hello? anyone?", thread_ts=root["ts"], user="U1"))
+    await slack.send(
+        message("Hi ann, Bob from support here: refund sent.", thread_ts=root["ts"], user="U2")
+    )
+    store = make_store(slack.redis, slack.settings)
+
+    async def recorded() -> bool:
+        return any(m.role is Role.HUMAN_AGENT for m in await store.history(conv))
+
+    await wait_for(recorded, 10, "the agent's message in the history")
+    await asyncio.sleep(1.0)  # the worker had time to answer, if it were going to
+    assert len(slack.thread("C1", root["ts"])) == before
+    history = await store.history(conv)
+    agent = next(m for m in history if m.role is Role.HUMAN_AGENT)
+    assert (agent.author_name, agent.text) == ("bob", "Hi ann, Bob from support here: refund sent.")
+
+    # 5. The agent hands back; the bot says so and answers again, knowing what Bob said.
+    await post_interaction(
+        url,
+        "test-signing-secret",
+        block_action("handoff_release", release_value, user="U2", channel=SUPPORT_CHANNEL),
+    )
+    await slack.wait_thread("C1", root["ts"], lambda t: HANDOFF_RELEASED in t)
+    await slack.send(message("how long do I have to return a tent?", thread_ts=root["ts"]))
+    await slack.wait_thread("C1", root["ts"], lambda t: sum("Source:" in x for x in t) == 2)
+    engine = slack.engine
+    last_prompt = engine.requests[-1].turns
+    assert any("(Human agent bob) Hi ann" in t["content"] for t in last_prompt)
+
+    stats = (await read_stats(slack.redis, Keys(slack.settings.namespace), "slack")).to_dict()
+    assert (stats["answered"], stats["escalated"], stats["helpful"]) == (2, 1, 1)
+
+
+async def _ratings(feedback: Feedback, conv: ConversationKey) -> bool:
+    return bool(await feedback.ratings(conv))
+
+
+async def test_the_talk_to_a_person_button_hands_off(cs_slack: Harness) -> None:
+    slack = cs_slack
+    root = app_mention("<@UBOT> Who won the 2022 FIFA World Cup?", channel="C1")
+    await slack.send(root)
+    await slack.wait_thread("C1", root["ts"], lambda t: any("rather not guess" in x for x in t))
+    value = buttons(last_post_with(slack, "handoff_request"))["handoff_request"]
+    await post_interaction(
+        slack.url, "test-signing-secret", block_action("handoff_request", value, user="U1")
+    )
+    await slack.wait_thread("C1", root["ts"], lambda t: HANDOFF_STARTED in t)
+    await slack.wait_thread(SUPPORT_CHANNEL, None, lambda t: len(t) == 1)
+
+
+async def test_a_workspace_can_limit_the_channels_the_bot_answers_in(cs_slack: Harness) -> None:
+    slack = cs_slack
+    await Workspaces(slack.redis, Keys(slack.settings.namespace), slack.settings).set(
+        "slack", TEAM, {"channels": "C2"}
+    )
+    quiet = app_mention("<@UBOT> how much does standard shipping cost?", channel="C1")
+    allowed = app_mention("<@UBOT> how much does standard shipping cost?", channel="C2")
+    await slack.send(quiet)
+    await slack.send(allowed)
+    await slack.wait_thread("C2", allowed["ts"], lambda t: any("Source:" in x for x in t))
+    assert slack.thread("C1", quiet["ts"]) == []
+    # Direct messages are always answered.
+    dm = message("how much does standard shipping cost?", channel="D1", channel_type="im")
+    await slack.send(dm)
+    await slack.wait_thread("D1", None, lambda t: any("Source:" in x for x in t))
+
+
+# -- user data ------------------------------------------------------------------------------
+
+
+async def _all_data(redis: Any, namespace: str) -> dict[str, str]:
+    """Every key of the namespace with a dump of its value, for searching."""
+    found = {}
+    async for key in redis.scan_iter(match=f"{namespace}:*"):
+        kind = await redis.type(key)
+        if kind == "string":
+            value: Any = await redis.get(key)
+        elif kind == "list":
+            value = await redis.lrange(key, 0, -1)
+        elif kind == "hash":
+            value = await redis.hgetall(key)
+        elif kind == "set":
+            value = sorted(await redis.smembers(key))
+        elif kind == "stream":
+            value = await redis.xrange(key)
+        else:
+            value = kind
+        found[key] = json.dumps(value, ensure_ascii=False)
+    return found
+
+
+async def test_forget_me_deletes_every_key_of_that_user(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine, keys: Keys
+) -> None:
+    settings: Settings = make_settings()
+    engine = ScriptedEngine(tiny_engine, lambda r: "Sure.")
+    worker = Worker(redis, settings, engine)
+    task = asyncio.create_task(worker.run())
+    mine = ConversationKey("test", "w", "dm-zed")
+    shared = ConversationKey("test", "w", "channel", "thread")
+    try:
+        await submit(
+            redis, settings, mine, "my email is zed@example.com, secret-zed-1", "z1", "zed"
+        )
+        await submit(redis, settings, shared, "zed here: secret-zed-2", "z2", "zed")
+        await wait_for(lambda: _count(redis, settings, 2), 20, "two answers")
+        await submit(redis, settings, shared, "amy here, hello", "a1", "amy")
+        await wait_for(lambda: _count(redis, settings, 3), 20, "three answers")
+        replies = await outbox(redis, settings)
+        await Feedback(redis, keys, 3600).rate(replies[0].reply_id, "zed", helpful=False)
+        await Feedback(redis, keys, 3600).rate(replies[2].reply_id, "amy", helpful=True)
+        assert "zed" in json.dumps(await _all_data(redis, settings.namespace))
+        # The user asks in words; the bot confirms.
+        await submit(redis, settings, shared, "please forget me", "z3", "zed")
+        await wait_for(lambda: _notice_posted(redis, settings), 20, "the confirmation")
+    finally:
+        worker.stop()
+        await task
+    data = await _all_data(redis, settings.namespace)
+    leaks = {k: v for k, v in data.items() if "zed" in k or "zed" in v}
+    assert leaks == {}
+    # The other customer's words and rating stay.
+    history = await make_store(redis, settings).history(shared)
+    assert [m.text for m in history if m.role is Role.USER] == ["amy here, hello"]
+    assert list((await Feedback(redis, keys, 3600).ratings(shared)).values()) == [1]
+    # An operator can do the same by id.
+    report = await UserData(redis, keys, 3600).forget("test", "amy")
+    assert report.conversations_deleted == [shared.id]
+    assert "amy" not in json.dumps(await _all_data(redis, settings.namespace))
+
+
+async def _notice_posted(redis: Any, settings: Settings) -> bool:
+    return any(r.kind == "notice" for r in await outbox(redis, settings))
+
+
+async def _count(redis: Any, settings: Settings, n: int) -> bool:
+    return len(await outbox(redis, settings)) >= n
+
+
+async def test_export_round_trips(redis: Any, settings: Settings) -> None:
+    store = make_store(redis, settings)
+    source = ConversationKey("slack", "T1", "C1", "1700000000.000100")
+    texts = [
+        (Role.USER, 'Ünïcode ✓ and "quotes"\nnew line'),
+        (Role.ASSISTANT, "> quoted\n\nSource: Shipping Policy"),
+        (Role.HUMAN_AGENT, "Bob here"),
+    ]
+    for n, (role, text) in enumerate(texts):
+        message = Message(role, text, f"u{n}", f"User {n}", f"m{n}", 1700000000.0 + n)
+        await store.add_message(source, message)
+    exported = transcript_lines(source, await store.history(source))
+    assert all(json.loads(line)["conversation"] == source.id for line in exported)
+    found, messages = parse_transcript(["", *exported, ""])
+    assert found == source
+    target = ConversationKey("slack", "T1", "C9", "")
+    assert await import_transcript(store, target, messages) == 3
+    assert await import_transcript(store, target, messages) == 0  # idempotent
+    again = transcript_lines(target, await store.history(target))
+    assert [json.loads(x) | {"conversation": ""} for x in again] == [
+        json.loads(x) | {"conversation": ""} for x in exported
+    ]
+    # Imported history is not a question waiting for an answer.
+    state = await store.state(target)
+    assert state.answered == state.seq == 3
+    with pytest.raises(ValueError, match="line 1"):
+        parse_transcript(["{not json"])
