@@ -151,3 +151,52 @@ def test_chat_without_redis_explains_what_to_do(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "REDIS_URL is not set" in err
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kb"
+
+
+def test_run_with_the_example_knowledge_base_answers_with_sources(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """What `make run` shows a newcomer: grounded answers with the bundled model."""
+    env = chatbot_env(CHATBOT_DATA_DIR=str(tmp_path / "data"))
+    proc = chatbot(["run", "--ingest", str(EXAMPLES)], env, tmp_path, stdin=subprocess.PIPE)
+    out, err = proc.communicate(
+        "How much does standard shipping cost?\nWho won the 2022 FIFA World Cup?\n", timeout=300
+    )
+    assert proc.returncode == 0, err
+    assert "10 added" in err  # the ingestion summary
+    assert "$5.95" in out and "Source:" in out
+    assert "rather not guess" in out and "talk to a person" in out
+
+
+def test_operator_commands(tmp_path: Path, redis_server: RedisServer, namespace: str) -> None:
+    env = chatbot_env(REDIS_URL=redis_server.url, CHATBOT_NAMESPACE=namespace)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        proc = chatbot(list(args), env, tmp_path)
+        out, err = proc.communicate(timeout=120)
+        return proc.returncode, out, err
+
+    code, out, err = run("kb", "ingest", str(EXAMPLES), "--kb", "acme")
+    assert code == 0, err
+    assert "10 added" in out
+    code, out, _ = run("kb", "list")
+    assert "acme: 10 documents" in out and "shipping.md" in out
+    code, out, _ = run("kb", "search", "how much is shipping", "--kb", "acme")
+    assert "relevant" in out and "Shipping" in out
+    code, _, err = run("workspace", "set", "slack", "T1", "--kb", "acme", "--channels", "C1, C2")
+    assert code == 0, err
+    code, out, _ = run("workspace", "show", "slack", "T1")
+    assert "kb (workspace): 'acme'" in out and "channels (workspace): 'C1,C2'" in out
+    code, _, err = run("workspace", "set", "slack", "T1", "--kb", "bad name!")
+    assert code == 2 and "not valid" in err
+    code, out, _ = run("stats", "--json")
+    assert json.loads(out)["replies"] == 0
+    code, _, err = run("conversation", "export", "slack:T1:C1:")
+    assert code == 1 and "no stored messages" in err
+    code, out, _ = run("kb", "remove", "acme")
+    assert code == 0 and "removed" in out
+    code, _, err = run("kb", "ingest", str(tmp_path / "missing"))
+    assert code == 2 and "does not exist" in err
