@@ -432,10 +432,12 @@ class DiscordAdapter:
             is_role = guild is None or guild.get_role(int(mention_id)) is not None
         who = discord.Object(int(mention_id))
         if is_role:
-            allowed = discord.AllowedMentions(everyone=False, users=False, roles=[who])
+            allowed = discord.AllowedMentions(
+                everyone=False, users=False, roles=[who], replied_user=False
+            )
             return f"<@&{mention_id}> ", allowed
         return f"<@{mention_id}> ", discord.AllowedMentions(
-            everyone=False, roles=False, users=[who]
+            everyone=False, roles=False, users=[who], replied_user=False
         )
 
     # -- running ------------------------------------------------------------------------

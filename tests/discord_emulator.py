@@ -81,7 +81,9 @@ INTENT_GUILDS = 1 << 0
 INTENT_GUILD_MEMBERS = 1 << 1
 INTENT_GUILD_PRESENCES = 1 << 8
 INTENT_GUILD_MESSAGES = 1 << 9
+INTENT_GUILD_MESSAGE_REACTIONS = 1 << 10
 INTENT_DIRECT_MESSAGES = 1 << 12
+INTENT_DIRECT_MESSAGE_REACTIONS = 1 << 13
 INTENT_MESSAGE_CONTENT = 1 << 15
 PRIVILEGED_INTENTS = INTENT_GUILD_MEMBERS | INTENT_GUILD_PRESENCES | INTENT_MESSAGE_CONTENT
 
@@ -226,6 +228,7 @@ class _Interaction:
     guild_id: str | None
     user_id: str
     name: str
+    type: int = 2  # 2 a slash command, 3 a component (button) click
     acked: bool = False
     original_id: str | None = None
     message_ids: list[str] = field(default_factory=list)
@@ -794,6 +797,91 @@ class DiscordEmulator:
         )
         await self.dispatch("INTERACTION_CREATE", payload)
         return payload
+
+    async def click_button(
+        self, message_id: str, custom_id: str, *, user_id: str = ANN_ID
+    ) -> JsonDict:
+        """`user_id` clicks the button `custom_id` on the bot's message `message_id`:
+        dispatches INTERACTION_CREATE (type 3, a message component) and returns its
+        payload. Answers to it are in interaction_responses (type 6: a deferred update)."""
+        message = self._messages[message_id]
+        channel_id = message["channel_id"]
+        buttons = [
+            c.get("custom_id")
+            for row in message.get("components") or []
+            for c in row.get("components") or []
+        ]
+        if custom_id not in buttons:
+            raise KeyError(f"message {message_id} has no button {custom_id!r}: {buttons}")
+        channel = self.channels[channel_id]
+        guild_id = channel.get("guild_id")
+        user = self.users[user_id]
+        interaction_id, token = self.next_id(), f"itoken-{secrets.token_urlsafe(16)}"
+        payload: JsonDict = {
+            "id": interaction_id,
+            "application_id": self.application_id,
+            "type": 3,
+            "token": token,
+            "version": 1,
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "message": message,
+            "channel_id": channel_id,
+            "channel": channel,
+            "app_permissions": ALL_PERMISSIONS,
+            "locale": "en-US",
+            "entitlements": [],
+            "entitlement_sku_ids": [],
+            "attachment_size_limit": 10 * 1024 * 1024,
+        }
+        if guild_id is not None:
+            member = {**self._member(guild_id, user_id), "user": user}
+            member["permissions"] = MEMBER_PERMISSIONS
+            payload |= {
+                "guild_id": guild_id,
+                "guild": {"id": guild_id, "locale": "en-US", "features": []},
+                "guild_locale": "en-US",
+                "member": member,
+                "authorizing_integration_owners": {"0": guild_id},
+                "context": 0,
+            }
+        else:
+            payload |= {
+                "user": user,
+                "authorizing_integration_owners": {"1": user_id},
+                "context": 1,
+            }
+        self._interactions[token] = _Interaction(
+            interaction_id, token, channel_id, guild_id, user_id, custom_id, type=3
+        )
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return payload
+
+    async def add_user_reaction(
+        self, message_id: str, emoji: str, *, user_id: str = ANN_ID
+    ) -> JsonDict:
+        """`user_id` reacts with the unicode `emoji` to `message_id`: dispatches
+        MESSAGE_REACTION_ADD (to sessions with the guild or DM reactions intent) and
+        returns its payload."""
+        message = self._messages[message_id]
+        data: JsonDict = {
+            "user_id": user_id,
+            "channel_id": message["channel_id"],
+            "message_id": message_id,
+            "message_author_id": message["author"]["id"],
+            "emoji": {"id": None, "name": emoji},
+            "burst": False,
+            "burst_colors": [],
+            "type": 0,
+        }
+        intent = INTENT_DIRECT_MESSAGE_REACTIONS
+        guild_id = message.get("guild_id")
+        if guild_id is not None:
+            data["guild_id"] = guild_id
+            intent = INTENT_GUILD_MESSAGE_REACTIONS
+            if user_id in self.guilds[guild_id].members:
+                data["member"] = self._member(guild_id, user_id, with_user=True)
+        await self.dispatch("MESSAGE_REACTION_ADD", data, intent=intent)
+        return data
 
     # -- gateway internals --------------------------------------------------------------------
 
@@ -1723,7 +1811,7 @@ class DiscordEmulator:
         flags = int(data.get("flags") or 0)
         interaction: JsonDict = {
             "id": record.id,
-            "type": 2,
+            "type": record.type,
             "response_message_loading": callback_type == 5,
             "response_message_ephemeral": bool(flags & FLAG_EPHEMERAL),
         }

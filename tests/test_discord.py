@@ -12,27 +12,43 @@ import pytest
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot.discord_adapter import INTENT_HELP, RESET_DONE, DiscordAdapter
-from core.conversation import ConversationKey, Role
+from bot.discord_adapter import (
+    INTENT_HELP,
+    RELEASE_DONE,
+    RESET_DONE,
+    DiscordAdapter,
+    _buttons,
+    jump_link,
+)
+from core.conversation import ConversationKey, Reply, Role
 from core.engine import Engine
 from core.errors import POLITE_FAILURE, SettingsError
+from core.feedback import Feedback
+from core.handoff import HANDOFF_NO_CONTACT, HANDOFF_RELEASED, HANDOFF_STARTED, Handoffs
 from core.hf_engine import TransformersEngine
+from core.jobs import JobQueue
+from core.keys import Keys
 from core.settings import Settings
 from core.worker import Worker
+from core.workspaces import Workspaces
 from tests.discord_emulator import (
     ANN_ID,
     BOB_ID,
     DEFAULT_BOT_ID,
     DEFAULT_CHANNEL_ID,
     DEFAULT_GUILD_ID,
+    DEFAULT_SECOND_CHANNEL_ID,
     OTHER_BOT_ID,
     DiscordEmulator,
+    GuildSpec,
 )
-from tests.helpers import RecordingEngine, ScriptedEngine, echo_answer, make_store
+from tests.helpers import RecordingEngine, ScriptedEngine, echo_answer, make_store, wait_for
 
 BOT = f"<@{DEFAULT_BOT_ID}>"
 CHANNEL = DEFAULT_CHANNEL_ID
 GUILD = DEFAULT_GUILD_ID
+SUPPORT_CHANNEL = "3500"
+SUPPORT_ROLE = "5000"
 
 
 @dataclass
@@ -314,6 +330,159 @@ async def test_a_wrong_token_is_a_clear_error(redis: Any, make_settings: Any) ->
             await asyncio.wait_for(DiscordAdapter(redis, settings).serve(asyncio.Event()), 30)
     finally:
         await emulator.stop()
+
+
+async def test_dms_are_answered_where_the_workspace_limits_channels(discord_bot: Harness) -> None:
+    redis, settings = discord_bot.redis, discord_bot.settings
+    workspaces = Workspaces(redis, Keys(settings.namespace), settings)
+    await workspaces.set("discord", GUILD, {"channels": CHANNEL})
+    await workspaces.set("discord", "dm", {"channels": CHANNEL})
+    await discord_bot.emulator.send_message(DEFAULT_SECOND_CHANNEL_ID, f"{BOT} not here")
+    dm = await discord_bot.emulator.send_dm(ANN_ID, "hello in private")
+    [sent] = await discord_bot.wait_sent(dm["channel_id"], 1)
+    assert sent["content"] == "Answer to: hello in private"
+    await asyncio.sleep(1.0)
+    assert discord_bot.sent_in(DEFAULT_SECOND_CHANNEL_ID) == []
+
+
+@pytest.fixture
+async def support_bot(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> AsyncIterator[Harness]:
+    """A guild with a support channel and role, set as the guild's handoff contact."""
+    guild = GuildSpec(
+        channels={CHANNEL: "general", SUPPORT_CHANNEL: "support"},
+        roles={SUPPORT_ROLE: "support"},
+    )
+    harness = await make_harness(
+        redis,
+        make_settings,
+        ScriptedEngine(tiny_engine, echo_answer),
+        emulator=DiscordEmulator(heartbeat_interval_ms=1000, guilds=[guild]),
+    )
+    await Workspaces(redis, Keys(harness.settings.namespace), harness.settings).set(
+        "discord", GUILD, {"support_channel": SUPPORT_CHANNEL, "support_mention": SUPPORT_ROLE}
+    )
+    yield harness
+    await close(harness)
+
+
+def custom_ids(sent: dict[str, Any]) -> list[str]:
+    rows = sent["payload"].get("components") or []
+    return [c["custom_id"] for row in rows for c in row["components"]]
+
+
+async def test_a_handoff_alerts_the_support_channel_and_is_released_by_a_button(
+    support_bot: Harness,
+) -> None:
+    emulator = support_bot.emulator
+    question = await emulator.send_message(CHANNEL, f"{BOT} can I talk to a person?")
+    conversation = ConversationKey("discord", GUILD, CHANNEL, question["id"])
+    [told] = await support_bot.wait_sent(CHANNEL, 1)
+    assert told["content"] == HANDOFF_STARTED
+    assert str(told["message_reference"]["message_id"]) == question["id"]
+    assert custom_ids(told) == [f"handoff_release:{conversation.id}"]
+
+    [alert] = await support_bot.wait_sent(SUPPORT_CHANNEL, 1)
+    assert alert["content"].startswith(f"<@&{SUPPORT_ROLE}> ")
+    assert "Ann asked for a person" in alert["content"]
+    link = f"https://discord.com/channels/{GUILD}/{CHANNEL}/{question['id']}"
+    assert link in alert["content"] and link == jump_link(conversation, question["id"])
+    allowed = alert["allowed_mentions"]
+    assert allowed["parse"] == [] and allowed["roles"] == [int(SUPPORT_ROLE)]
+    assert not allowed.get("users") and not allowed.get("replied_user")
+    assert custom_ids(alert) == [f"handoff_release:{conversation.id}"]
+    handoffs = Handoffs(support_bot.redis, Keys(support_bot.settings.namespace), 3600)
+    assert await handoffs.get(conversation) is not None
+
+    # An agent clicks "Hand back to the bot" on the alert: the click is acknowledged, the
+    # conversation is told, and the bot answers again.
+    click = await emulator.click_button(
+        alert["id"], f"handoff_release:{conversation.id}", user_id=BOB_ID
+    )
+    await emulator.wait_for(
+        lambda: any(r["token"] == click["token"] for r in emulator.interaction_responses), 10
+    )
+    [ack] = [r for r in emulator.interaction_responses if r["token"] == click["token"]]
+    assert ack["type"] == 6  # deferred update: nothing posted
+    sent = await support_bot.wait_sent(CHANNEL, 2)
+    assert sent[1]["content"] == HANDOFF_RELEASED
+    assert await handoffs.get(conversation) is None
+
+
+async def test_a_thumbs_up_reaction_rates_the_answer(discord_bot: Harness) -> None:
+    emulator = discord_bot.emulator
+    question = await emulator.send_message(CHANNEL, f"{BOT} where is my parcel?")
+    [answer] = await discord_bot.wait_sent(CHANNEL, 1)
+    await emulator.wait_for(
+        lambda: {r[2] for r in emulator.reactions if r[1] == answer["id"]} == {"👍", "👎"}, 10
+    )
+    conversation = ConversationKey("discord", GUILD, CHANNEL, question["id"])
+    feedback = Feedback(discord_bot.redis, Keys(discord_bot.settings.namespace), 3600)
+    await emulator.add_user_reaction(answer["id"], "👍", user_id=DEFAULT_BOT_ID)  # its own
+    await emulator.add_user_reaction(answer["id"], "🎉", user_id=BOB_ID)  # not a rating
+    await emulator.add_user_reaction(answer["id"], "👎", user_id=OTHER_BOT_ID)  # a bot
+    await emulator.add_user_reaction(answer["id"], "👍", user_id=BOB_ID)
+    rating = f"{conversation.id}:1|{BOB_ID}"  # reply id | user id
+
+    async def rated(value: int) -> bool:
+        return (await feedback.ratings(conversation)).get(rating) == value
+
+    await wait_for(lambda: rated(1), 10, "the rating")
+    await asyncio.sleep(0.5)  # the ignored reactions came first: nothing else is recorded
+    assert await feedback.ratings(conversation) == {rating: 1}
+    await emulator.add_user_reaction(answer["id"], "👎", user_id=BOB_ID)  # changes their mind
+    await wait_for(lambda: rated(-1), 10, "the changed rating")
+    assert await feedback.ratings(conversation) == {rating: -1}
+
+
+async def test_the_talk_to_a_person_button_and_release_command(discord_bot: Harness) -> None:
+    emulator = discord_bot.emulator
+    dm = await emulator.send_dm(ANN_ID, "my order is late")
+    channel = dm["channel_id"]
+    await discord_bot.wait_sent(channel, 1)
+    conversation = ConversationKey("discord", "dm", channel)
+    # An answer offering a person (as the worker sends when the customer is frustrated).
+    offer = Reply(
+        f"{conversation.id}:offer",
+        conversation,
+        "Sorry about that! Want a person?",
+        dm["id"],
+        0,
+        meta={"actions": ["handoff"]},
+    )
+    await JobQueue(discord_bot.redis, Keys(discord_bot.settings.namespace)).publish(offer)
+    sent = await discord_bot.wait_sent(channel, 2)
+    assert custom_ids(sent[1]) == [f"handoff_request:{conversation.id}"]
+    await emulator.click_button(sent[1]["id"], f"handoff_request:{conversation.id}")
+    sent = await discord_bot.wait_sent(channel, 3)
+    assert sent[2]["content"] == HANDOFF_NO_CONTACT  # no support channel is set here
+    assert str(sent[2]["message_reference"]["message_id"]) == sent[1]["id"]
+    history = await make_store(discord_bot.redis, discord_bot.settings).history(conversation)
+    assert [(m.author_id, m.text) for m in history if m.role is Role.USER][-1] == (
+        ANN_ID,
+        "talk to a person",
+    )
+    handoffs = Handoffs(discord_bot.redis, Keys(discord_bot.settings.namespace), 3600)
+    assert (await handoffs.get(conversation)) is not None
+
+    await emulator.wait_for(lambda: "release" in {c["name"] for c in emulator.commands}, 10)
+    release = await emulator.send_interaction("release", channel_id=channel)
+    await emulator.wait_for(lambda: emulator.interaction_replies(release) == [RELEASE_DONE], 10)
+    sent = await discord_bot.wait_sent(channel, 4)
+    assert sent[3]["content"] == HANDOFF_RELEASED and sent[3]["message_reference"] is None
+    assert await handoffs.get(conversation) is None
+
+
+def test_a_too_long_conversation_id_gets_no_button() -> None:
+    short = ConversationKey("discord", GUILD, CHANNEL, "1" * 19)
+    long = ConversationKey("discord", GUILD, CHANNEL, "x" * 100)
+    assert _buttons(Reply("r", long, "t", "", 0, meta={"actions": ["release"]})) is None
+    assert _buttons(Reply("r", short, "t", "", 0, meta={"actions": ["feedback"]})) is None
+    view = _buttons(Reply("r", short, "t", "", 0, meta={"actions": ["feedback", "release"]}))
+    assert view is not None
+    [row] = view.to_components()
+    assert [c["custom_id"] for c in row["components"]] == [f"handoff_release:{short.id}"]
 
 
 @pytest.mark.slow
