@@ -34,18 +34,34 @@ from core.workspaces import FIELDS, Workspaces
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
+def conversation_id(raw: str) -> ConversationKey:
+    """argparse type: a conversation id as `chatbot conversation list` prints it."""
+    try:
+        return ConversationKey.from_id(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a conversation id (platform:workspace:channel:thread, "
+            "as `chatbot conversation list` prints them)"
+        ) from None
+
+
 def url_file(settings: Settings) -> Path:
     return settings.data_dir / "redis.url"
+
+
+def known_redis_url(settings: Settings) -> str | None:
+    """REDIS_URL, else the embedded server a running `chatbot run` announced, else None."""
+    if settings.redis_url:
+        return settings.redis_url
+    announced = url_file(settings)
+    return announced.read_text().strip() if announced.is_file() else None
 
 
 @contextlib.asynccontextmanager
 async def admin_redis(settings: Settings) -> AsyncIterator[Redis]:
     server: RedisServer | None = None
-    if settings.redis_url:
-        url = settings.redis_url
-    elif url_file(settings).is_file():
-        url = url_file(settings).read_text().strip()
-    else:
+    url = known_redis_url(settings)
+    if url is None:
         server = RedisServer(settings.data_dir / "redis")
         url = await asyncio.to_thread(server.start)
     redis = connect(url)
@@ -71,11 +87,14 @@ async def ingest(settings: Settings, redis: Redis, folder: Path, kb: str, prune:
     from core.kb import read_documents
 
     check_kb_name(kb)
-    total = sum(len(d.passages) for d in read_documents(folder))
+    documents = list(read_documents(folder))
+    total = sum(len(d.passages) for d in documents)
     embedder = await asyncio.to_thread(load_embedder)
     store = KnowledgeBaseStore(redis, Keys(settings.namespace))
     with tqdm(total=total, unit="passage", desc=f"kb {kb}", file=sys.stderr) as bar:
-        report = await store.ingest(kb, folder, embedder, prune=prune, progress=bar.update)
+        report = await store.ingest(
+            kb, folder, embedder, prune=prune, progress=bar.update, documents=documents
+        )
         bar.update(total - bar.n)  # unchanged documents count as done
     return f"knowledge base {kb!r} from {folder}: {report.summary()}"
 
@@ -223,11 +242,11 @@ async def cmd_conversation_list(settings: Settings, args: argparse.Namespace) ->
 
 
 async def cmd_conversation_export(settings: Settings, args: argparse.Namespace) -> int:
-    conversation = ConversationKey.from_id(args.conversation)
+    conversation: ConversationKey = args.conversation
     async with admin_redis(settings) as redis:
         messages = await ConversationStore.from_settings(redis, settings).history(conversation)
     if not messages:
-        print(f"no stored messages in {args.conversation}", file=sys.stderr)
+        print(f"no stored messages in {conversation.id}", file=sys.stderr)
         return 1
     text = "".join(line + "\n" for line in transcript_lines(conversation, messages))
     if args.output and args.output != "-":
@@ -239,12 +258,12 @@ async def cmd_conversation_export(settings: Settings, args: argparse.Namespace) 
 
 
 async def cmd_conversation_import(settings: Settings, args: argparse.Namespace) -> int:
-    lines = Path(args.path).read_text(encoding="utf-8").splitlines()
     try:
+        lines = Path(args.path).read_text(encoding="utf-8").splitlines()
         found, messages = parse_transcript(lines)
-    except ValueError as exc:
-        raise SettingsError(f"{args.path}: {exc}") from exc
-    target = ConversationKey.from_id(args.conversation) if args.conversation else found
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SettingsError(f"cannot import {args.path}: {exc}") from exc
+    target = args.conversation or found
     if target is None:
         raise SettingsError(f"{args.path} holds no messages")
     async with admin_redis(settings) as redis:
@@ -264,7 +283,7 @@ async def cmd_user_forget(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_handoff_release(settings: Settings, args: argparse.Namespace) -> int:
-    conversation = ConversationKey.from_id(args.conversation)
+    conversation: ConversationKey = args.conversation
     keys = Keys(settings.namespace)
     async with admin_redis(settings) as redis:
         released = await release_and_announce(
@@ -274,9 +293,9 @@ async def cmd_handoff_release(settings: Settings, args: argparse.Namespace) -> i
             by="operator (CLI)",
         )
     if not released:
-        print(f"{args.conversation} is not with a person", file=sys.stderr)
+        print(f"{conversation.id} is not with a person", file=sys.stderr)
         return 1
-    print(f"{args.conversation} is back with the bot")
+    print(f"{conversation.id} is back with the bot")
     return 0
 
 
@@ -342,11 +361,19 @@ def add_admin_commands(sub: Any) -> None:
     )
     _command(conv, "list", cmd_conversation_list, "list stored conversations")
     p = _command(conv, "export", cmd_conversation_export, "export a transcript as JSON Lines")
-    p.add_argument("conversation", help="conversation id, as `conversation list` shows it")
+    p.add_argument(
+        "conversation",
+        type=conversation_id,
+        help="conversation id, as `conversation list` shows it",
+    )
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
     p = _command(conv, "import", cmd_conversation_import, "import a JSON Lines transcript")
     p.add_argument("path")
-    p.add_argument("--conversation", help="into this conversation id (default: the file's)")
+    p.add_argument(
+        "--conversation",
+        type=conversation_id,
+        help="into this conversation id (default: the file's)",
+    )
 
     user = sub.add_parser("user", help="user data").add_subparsers(
         dest="user_command", required=True, metavar="ACTION"
@@ -359,4 +386,4 @@ def add_admin_commands(sub: Any) -> None:
         dest="handoff_command", required=True, metavar="ACTION"
     )
     p = _command(handoff, "release", cmd_handoff_release, "give a conversation back to the bot")
-    p.add_argument("conversation", help="conversation id")
+    p.add_argument("conversation", type=conversation_id, help="conversation id")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bot.admin import add_admin_commands, ingest, url_file
+from bot.admin import add_admin_commands, ingest, known_redis_url, url_file
 from bot.console import ConsoleChat
 from bot.discord_adapter import DiscordAdapter, invite_url
 from bot.slack import SlackAdapter
@@ -64,15 +64,13 @@ def _setup_logging(settings: Settings, *, quiet_console: bool) -> None:
 
 def _redis_url(settings: Settings) -> str:
     """REDIS_URL, else the embedded server a running `chatbot run` announced."""
-    if settings.redis_url:
-        return settings.redis_url
-    announced = url_file(settings)
-    if announced.is_file():
-        return announced.read_text().strip()
-    raise SettingsError(
-        "REDIS_URL is not set and no `chatbot run` is running here: set REDIS_URL "
-        "(e.g. redis://localhost:6379/0) or start `chatbot run` first"
-    )
+    url = known_redis_url(settings)
+    if url is None:
+        raise SettingsError(
+            "REDIS_URL is not set and no `chatbot run` is running here: set REDIS_URL "
+            "(e.g. redis://localhost:6379/0) or start `chatbot run` first"
+        )
+    return url
 
 
 def _install_stop_handlers(stop: asyncio.Event) -> None:

@@ -61,19 +61,21 @@ class Handoffs:
 
     async def start(
         self, conversation: ConversationKey, customer_id: str, customer_name: str, reason: str
-    ) -> bool:
-        """Mark the conversation handed off; False when it already was."""
+    ) -> Handoff | None:
+        """Mark the conversation handed off; None when it already was."""
         key = self.keys.handoff(conversation)
-        created = await self.redis.hsetnx(key, "customer_id", customer_id)
-        if not created:
-            return False
-        await self.redis.hset(
-            key,
-            mapping={"customer_name": customer_name, "reason": reason, "since": time.time()},
-        )
-        await self.redis.expire(key, self.ttl_s)
+        if not await self.redis.hsetnx(key, "customer_id", customer_id):
+            return None
+        handoff = Handoff(customer_id, customer_name, reason, time.time())
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                key,
+                mapping={"customer_name": customer_name, "reason": reason, "since": handoff.since},
+            )
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
         log.info("conversation %s handed to a human (%s)", conversation.id, reason)
-        return True
+        return handoff
 
     async def release(self, conversation: ConversationKey, by: str) -> Handoff | None:
         """End the handoff; returns what it was, or None when there was none."""

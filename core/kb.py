@@ -256,10 +256,13 @@ class KnowledgeBaseStore:
         *,
         prune: bool = True,
         progress: Progress | None = None,
+        documents: list[Document] | None = None,
     ) -> IngestReport:
-        """Bring knowledge base `kb` in line with `folder`: see the module docstring."""
+        """Bring knowledge base `kb` in line with `folder`: see the module docstring.
+        `documents`: the folder's documents when the caller has read them already."""
         check_kb_name(kb)
-        documents = list(read_documents(folder))
+        if documents is None:
+            documents = list(read_documents(folder))
         existing = await self.documents(kb)
         origin = str(folder.resolve())
         report = IngestReport()

@@ -306,12 +306,11 @@ class Worker:
             await self.queue.ack(entry_ids)
             return
         if plan.kind is PlanKind.HANDOFF:
-            started = await self.handoffs.start(
+            handoff = await self.handoffs.start(
                 conversation, newest.author_id, newest.author_name, "asked for a person"
             )
-            handoff = await self.handoffs.get(conversation)
             contact = bool(config.support_channel)
-            if started and handoff is not None and contact:
+            if handoff is not None and contact:
                 await self.queue.publish(
                     support_notice(
                         conversation,
@@ -321,7 +320,7 @@ class Worker:
                         reply_to=newest.message_id,
                     )
                 )
-            elif started:
+            elif handoff is not None:
                 log.warning(
                     "handoff in %s: no support contact is configured for %s %s; set one with "
                     "`chatbot workspace set %s %s --support-channel ID` or "

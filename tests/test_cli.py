@@ -196,6 +196,13 @@ def test_operator_commands(tmp_path: Path, redis_server: RedisServer, namespace:
     assert json.loads(out)["replies"] == 0
     code, _, err = run("conversation", "export", "slack:T1:C1:")
     assert code == 1 and "no stored messages" in err
+    # Bad input: a clear message and exit status 2, never a traceback.
+    code, _, err = run("conversation", "export", "not-an-id")
+    assert code == 2 and "is not a conversation id" in err and "Traceback" not in err
+    code, _, err = run("handoff", "release", "a:b")
+    assert code == 2 and "is not a conversation id" in err and "Traceback" not in err
+    code, _, err = run("conversation", "import", str(tmp_path / "missing.jsonl"))
+    assert code == 2 and "cannot import" in err and "Traceback" not in err
     code, out, _ = run("kb", "remove", "acme")
     assert code == 0 and "removed" in out
     code, _, err = run("kb", "ingest", str(tmp_path / "missing"))

@@ -82,7 +82,7 @@ def _json(value: Any) -> Any:
 
 async def test_answer_rate_hand_off_release_and_resume(cs_slack: Harness) -> None:
     slack, emulator = cs_slack, cs_slack.emulator
-    url = slack.url.replace("/slack/events", "/slack/events")
+    url = slack.url
     root = app_mention("<@UBOT> how much does standard shipping cost?", channel="C1")
     conv = conversation("C1", root["ts"])
     await slack.send(root)
