@@ -16,20 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from core.conversation import ConversationKey
-from core.embeddings import load_embedder
+from core.knowledge.embeddings import load_embedder
 from core.errors import SettingsError
-from core.feedback import read_stats
-from core.handoff import Handoffs, release_and_announce
+from core.support.feedback import read_stats
+from core.support.handoff import Handoffs, release_and_announce
 from core.jobs import JobQueue
-from core.kb import KnowledgeBaseStore, check_kb_name
+from core.knowledge.store import KnowledgeBaseStore, check_kb_name
 from core.keys import Keys
-from core.privacy import UserData, import_transcript, parse_transcript, transcript_lines
+from core.support.privacy import UserData, import_transcript, parse_transcript, transcript_lines
 from core.redis_conn import TRANSIENT_ERRORS, Redis, connect, mask_url
 from core.redis_server import RedisServer
-from core.retrieval import Retriever
+from core.knowledge.retrieval import Retriever
 from core.settings import Settings
 from core.store import ConversationStore
-from core.workspaces import FIELDS, Workspaces
+from core.support.workspaces import FIELDS, Workspaces
 
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -84,7 +84,7 @@ async def ingest(settings: Settings, redis: Redis, folder: Path, kb: str, prune:
     """Ingest `folder` into `kb` with a progress bar; returns the summary line."""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    from core.kb import read_documents
+    from core.knowledge.store import read_documents
 
     check_kb_name(kb)
     documents = list(read_documents(folder))

@@ -16,19 +16,19 @@ from typing import Any
 
 from bot.admin import add_admin_commands, ingest, known_redis_url, url_file
 from bot.console import ConsoleChat
-from bot.discord_adapter import DiscordAdapter, invite_url
-from bot.slack import SlackAdapter
-from core.embeddings import load_embedder
+from bot.discord.adapter import DiscordAdapter, invite_url
+from bot.slack.adapter import SlackAdapter
+from core.knowledge.embeddings import load_embedder
 from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
 from core.health import check_health
-from core.hf_engine import open_engine
-from core.kb import KnowledgeBaseError, KnowledgeBaseStore
+from core.generation.transformers_engine import open_engine
+from core.knowledge.store import KnowledgeBaseError, KnowledgeBaseStore
 from core.keys import Keys
-from core.model_files import prepare_model
+from core.generation.model_files import prepare_model
 from core.pii import install_log_masking
 from core.redis_conn import TRANSIENT_ERRORS, Redis, connect, mask_url, with_retry
 from core.redis_server import RedisServer
-from core.retrieval import Retriever
+from core.knowledge.retrieval import Retriever
 from core.settings import Settings
 from core.worker import Worker
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from core.conversation import ConversationKey, Message, Role
-from core.handoff import Handoffs
+from core.support.handoff import Handoffs
 from core.jobs import JobQueue
-from core.privacy import UserData
+from core.support.privacy import UserData
 from core.redis_conn import with_retry
 from core.store import ConversationStore
 from core.text import EMPTY_MESSAGE_REPLY, clean_user_text
-from core.workspaces import Workspaces
+from core.support.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 

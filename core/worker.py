@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import ResponseError
 
-from core.assistant import (
+from core.knowledge.answers import (
     DECLINE_TEXT,
     FORGET_DONE,
     FRUSTRATION_OFFER,
@@ -40,19 +40,19 @@ from core.assistant import (
     compose_grounded,
 )
 from core.conversation import ConversationKey, Message, Reply, Role
-from core.engine import Engine, Generation, GenerationRequest
+from core.generation.engine import Engine, Generation, GenerationRequest
 from core.errors import POLITE_FAILURE
-from core.feedback import Feedback
-from core.handoff import HANDOFF_NO_CONTACT, HANDOFF_STARTED, Handoffs, support_notice
+from core.support.feedback import Feedback
+from core.support.handoff import HANDOFF_NO_CONTACT, HANDOFF_STARTED, Handoffs, support_notice
 from core.jobs import Job, JobQueue
 from core.keys import Keys
-from core.privacy import UserData
-from core.prompt import build_prompt, finalize_reply
+from core.support.privacy import UserData
+from core.generation.prompt import build_prompt, finalize_reply
 from core.redis_conn import TRANSIENT_ERRORS, Redis, backoff_s, with_retry
-from core.retrieval import Retriever
+from core.knowledge.retrieval import Retriever
 from core.settings import Settings
 from core.store import ConversationStore
-from core.workspaces import WorkspaceConfig, Workspaces
+from core.support.workspaces import WorkspaceConfig, Workspaces
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from core.hf_engine import TransformersEngine
+from core.generation.transformers_engine import TransformersEngine
 from core.keys import Keys
-from core.model_files import prepare_model
+from core.generation.model_files import prepare_model
 from core.redis_server import RedisServer
 from core.settings import Settings
 
@@ -101,7 +101,7 @@ def tiny_engine(model_dir: Path) -> TransformersEngine:
 
 @pytest.fixture(scope="session")
 def bundled_engine(model_dir: Path) -> TransformersEngine:
-    from core.hf_engine import load_engine
+    from core.generation.transformers_engine import load_engine
 
     settings = Settings.from_mapping(
         {"CHATBOT_CACHE_DIR": str(CACHE_DIR), "CHATBOT_MAX_NEW_TOKENS": "48"}
@@ -112,6 +112,6 @@ def bundled_engine(model_dir: Path) -> TransformersEngine:
 @pytest.fixture(scope="session")
 def embedder() -> Any:
     """The bundled all-MiniLM-L6-v2 embedding model (loads in a few seconds)."""
-    from core.embeddings import load_embedder
+    from core.knowledge.embeddings import load_embedder
 
     return load_embedder()

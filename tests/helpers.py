@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from core.conversation import ConversationKey, Reply
-from core.engine import ChatTurn, Generation, GenerationRequest
-from core.hf_engine import TransformersEngine
+from core.generation.engine import ChatTurn, Generation, GenerationRequest
+from core.generation.transformers_engine import TransformersEngine
 from core.inbound import Submission, submit_user_message
 from core.jobs import JobQueue
 from core.keys import Keys

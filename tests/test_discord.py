@@ -12,7 +12,7 @@ import pytest
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot.discord_adapter import (
+from bot.discord.adapter import (
     INTENT_HELP,
     RELEASE_DONE,
     RESET_DONE,
@@ -21,16 +21,16 @@ from bot.discord_adapter import (
     jump_link,
 )
 from core.conversation import ConversationKey, Reply, Role
-from core.engine import Engine
+from core.generation.engine import Engine
 from core.errors import POLITE_FAILURE, SettingsError
-from core.feedback import Feedback
-from core.handoff import HANDOFF_NO_CONTACT, HANDOFF_RELEASED, HANDOFF_STARTED, Handoffs
-from core.hf_engine import TransformersEngine
+from core.support.feedback import Feedback
+from core.support.handoff import HANDOFF_NO_CONTACT, HANDOFF_RELEASED, HANDOFF_STARTED, Handoffs
+from core.generation.transformers_engine import TransformersEngine
 from core.jobs import JobQueue
 from core.keys import Keys
 from core.settings import Settings
 from core.worker import Worker
-from core.workspaces import Workspaces
+from core.support.workspaces import Workspaces
 from tests.discord_emulator import (
     ANN_ID,
     BOB_ID,

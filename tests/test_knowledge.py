@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from core.assistant import DECLINE_TEXT, QUOTE_INTRO, detect_intent, invented_facts
+from core.knowledge.answers import DECLINE_TEXT, QUOTE_INTRO, detect_intent, invented_facts
 from core.conversation import ConversationKey
-from core.embeddings import Embedder
-from core.hf_engine import TransformersEngine
-from core.kb import KnowledgeBaseError, KnowledgeBaseStore, read_documents
+from core.knowledge.embeddings import Embedder
+from core.generation.transformers_engine import TransformersEngine
+from core.knowledge.store import KnowledgeBaseError, KnowledgeBaseStore, read_documents
 from core.keys import Keys
-from core.retrieval import Retriever
+from core.knowledge.retrieval import Retriever
 from core.settings import Settings
 from core.worker import Worker
-from core.workspaces import Workspaces
+from core.support.workspaces import Workspaces
 from tests.helpers import ScriptedEngine, outbox, submit, wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kb"

@@ -1,4 +1,4 @@
-from bot.slack_format import markdown_to_mrkdwn
+from bot.slack.format import markdown_to_mrkdwn
 
 
 def test_emphasis_links_headings_and_lists() -> None:

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 
 from core.conversation import ConversationKey, Role
 from core.errors import POLITE_FAILURE
-from core.hf_engine import TransformersEngine
+from core.generation.transformers_engine import TransformersEngine
 from core.inbound import Outcome
 from core.jobs import JobQueue
 from core.keys import WORKER_GROUP, Keys

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 
 from core.conversation import Message, Role
-from core.engine import ChatTurn, Engine, FinishReason
+from core.generation.engine import ChatTurn, Engine, FinishReason
 
 FALLBACK_REPLY = (
     "I'm sorry, I don't have a good answer to that. Could you rephrase your question, "

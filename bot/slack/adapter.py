@@ -30,11 +30,11 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.chunking import split_message
 from bot.outbox import OutboxConsumer, PermanentPostError, PostedParts
-from bot.slack_format import markdown_to_mrkdwn
+from bot.slack.format import markdown_to_mrkdwn
 from core.conversation import ConversationKey, Reply
 from core.errors import SettingsError
-from core.feedback import Feedback
-from core.handoff import Handoffs, release_and_announce
+from core.support.feedback import Feedback
+from core.support.handoff import Handoffs, release_and_announce
 from core.inbound import Outcome, submit_user_message
 from core.jobs import JobQueue
 from core.keys import DISPLAY_NAME_TTL_S, PLACEHOLDER_TTL_S, Keys

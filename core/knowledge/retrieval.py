@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.embeddings import Embedder, Vectors
-from core.kb import KnowledgeBaseStore, Passage
+from core.knowledge.embeddings import Embedder, Vectors
+from core.knowledge.store import KnowledgeBaseStore, Passage
 
 COSINE_WEIGHT = 0.5
 

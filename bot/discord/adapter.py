@@ -34,8 +34,8 @@ from bot.chunking import split_message
 from bot.outbox import OutboxConsumer, PermanentPostError, PostedParts
 from core.conversation import ConversationKey, Reply
 from core.errors import SettingsError
-from core.feedback import Feedback
-from core.handoff import Handoffs, release_and_announce
+from core.support.feedback import Feedback
+from core.support.handoff import Handoffs, release_and_announce
 from core.inbound import Outcome, Submission, submit_user_message
 from core.jobs import JobQueue
 from core.keys import POSTED_TTL_S, Keys

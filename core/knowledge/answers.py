@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from core.conversation import Message, Role
-from core.retrieval import Hit, Retriever
+from core.knowledge.retrieval import Hit, Retriever
 
 GROUNDING_INSTRUCTIONS = (
     "Answer the customer's last question in one or two short sentences, using only the "

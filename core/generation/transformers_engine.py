@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from core.engine import ChatTurn, Generation, GenerationRequest
-from core.model_files import Progress, load_model
+from core.generation.engine import ChatTurn, Generation, GenerationRequest
+from core.generation.model_files import Progress, load_model
 from core.settings import Settings
 
 log = logging.getLogger(__name__)

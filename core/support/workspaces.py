@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import SettingsError
-from core.kb import check_kb_name
+from core.knowledge.store import check_kb_name
 from core.keys import Keys
 from core.redis_conn import Redis
 from core.settings import Settings

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from core.embeddings import DIMENSIONS, Embedder, Vectors
+from core.knowledge.embeddings import DIMENSIONS, Embedder, Vectors
 from core.errors import ChatbotError
 from core.keys import Keys
 from core.redis_conn import Redis
