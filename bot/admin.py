@@ -11,26 +11,26 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from bot.redis_session import Embedded, redis_session
 from core.conversation import ConversationKey
-from core.knowledge.embeddings import load_embedder
 from core.errors import SettingsError
-from core.support.feedback import read_stats
-from core.support.handoff import Handoffs, release_and_announce
-from core.jobs import JobQueue
-from core.knowledge.store import KnowledgeBaseStore, check_kb_name
+from core.jobs import Outbox
 from core.keys import Keys
-from core.support.privacy import UserData, import_transcript, parse_transcript, transcript_lines
-from core.redis_conn import TRANSIENT_ERRORS, Redis, connect, mask_url
-from core.redis_server import RedisServer
-from core.knowledge.retrieval import Retriever
+from core.knowledge.documents import check_kb_name, read_documents
+from core.knowledge.store import KnowledgeBaseStore
+from core.redis_conn import Redis
 from core.settings import Settings
 from core.store import ConversationStore
+from core.support.feedback import read_stats
+from core.support.handoff import Handoffs, release_and_announce
+from core.support.privacy import UserData, import_transcript, parse_transcript, transcript_lines
 from core.support.workspaces import FIELDS, Workspaces
 
+PLATFORMS = ["slack", "discord", "console"]
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
@@ -45,36 +45,9 @@ def conversation_id(raw: str) -> ConversationKey:
         ) from None
 
 
-def url_file(settings: Settings) -> Path:
-    return settings.data_dir / "redis.url"
-
-
-def known_redis_url(settings: Settings) -> str | None:
-    """REDIS_URL, else the embedded server a running `chatbot run` announced, else None."""
-    if settings.redis_url:
-        return settings.redis_url
-    announced = url_file(settings)
-    return announced.read_text().strip() if announced.is_file() else None
-
-
-@contextlib.asynccontextmanager
-async def admin_redis(settings: Settings) -> AsyncIterator[Redis]:
-    server: RedisServer | None = None
-    url = known_redis_url(settings)
-    if url is None:
-        server = RedisServer(settings.data_dir / "redis")
-        url = await asyncio.to_thread(server.start)
-    redis = connect(url)
-    try:
-        try:
-            await redis.ping()
-        except TRANSIENT_ERRORS as exc:
-            raise SettingsError(f"cannot reach Redis at {mask_url(url)}: {exc}") from exc
-        yield redis
-    finally:
-        await redis.aclose()
-        if server is not None:
-            await asyncio.to_thread(server.stop)
+def admin_redis(settings: Settings) -> contextlib.AbstractAsyncContextManager[Redis]:
+    """REDIS_URL, a running `chatbot run`'s Redis, or the embedded one for this command."""
+    return redis_session(settings, embedded=Embedded.FOR_COMMAND)
 
 
 # -- knowledge bases ------------------------------------------------------------------------
@@ -84,7 +57,7 @@ async def ingest(settings: Settings, redis: Redis, folder: Path, kb: str, prune:
     """Ingest `folder` into `kb` with a progress bar; returns the summary line."""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    from core.knowledge.store import read_documents
+    from core.knowledge.embeddings import load_embedder
 
     check_kb_name(kb)
     documents = list(read_documents(folder))
@@ -135,6 +108,9 @@ async def cmd_kb_remove(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_kb_search(settings: Settings, args: argparse.Namespace) -> int:
     """Show what retrieval finds for a question, with scores: for tuning the threshold."""
+    from core.knowledge.embeddings import load_embedder
+    from core.knowledge.retrieval import Retriever
+
     async with admin_redis(settings) as redis:
         embedder = await asyncio.to_thread(load_embedder)
         retriever = Retriever(KnowledgeBaseStore(redis, Keys(settings.namespace)), embedder)
@@ -232,12 +208,11 @@ async def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_conversation_list(settings: Settings, args: argparse.Namespace) -> int:
     keys = Keys(settings.namespace)
-    prefix, suffix = f"{settings.namespace}:conv:{{", "}:history"
     async with admin_redis(settings) as redis:
         async for key in redis.scan_iter(match=keys.history_pattern):
-            name = str(key)
-            if name.startswith(prefix) and name.endswith(suffix):
-                print(f"{name[len(prefix) : -len(suffix)]}  ({await redis.llen(key)} messages)")
+            conversation = keys.conversation_of_history(str(key))
+            if conversation is not None:
+                print(f"{conversation}  ({await redis.llen(key)} messages)")
     return 0
 
 
@@ -288,7 +263,7 @@ async def cmd_handoff_release(settings: Settings, args: argparse.Namespace) -> i
     async with admin_redis(settings) as redis:
         released = await release_and_announce(
             Handoffs(redis, keys, settings.history_ttl_s),
-            JobQueue(redis, keys),
+            Outbox(redis, keys),
             conversation,
             by="operator (CLI)",
         )
@@ -309,6 +284,11 @@ def _command(group: Any, name: str, handler: Handler, help_text: str) -> argpars
 
 
 def add_admin_commands(sub: Any) -> None:
+    for add in (_add_kb, _add_workspace, _add_stats, _add_conversation, _add_user, _add_handoff):
+        add(sub)
+
+
+def _add_kb(sub: Any) -> None:
     kb = sub.add_parser("kb", help="manage knowledge bases").add_subparsers(
         dest="kb_command", required=True, metavar="ACTION"
     )
@@ -331,6 +311,8 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--kb", help="knowledge base name (default: CHATBOT_KB)")
     p.add_argument("--top", type=int, default=3)
 
+
+def _add_workspace(sub: Any) -> None:
     ws = sub.add_parser("workspace", help="per-workspace settings").add_subparsers(
         dest="workspace_command", required=True, metavar="ACTION"
     )
@@ -341,7 +323,7 @@ def add_admin_commands(sub: Any) -> None:
         ("unset", cmd_workspace_unset, "go back to the default for some settings"),
     ):
         p = _command(ws, name, handler, help_text)
-        p.add_argument("platform", choices=["slack", "discord", "console"])
+        p.add_argument("platform", choices=PLATFORMS)
         p.add_argument("workspace", help="Slack team id (T…) or Discord guild id")
         if name == "set":
             for field_name, meaning in FIELDS.items():
@@ -351,11 +333,15 @@ def add_admin_commands(sub: Any) -> None:
                 "names", nargs="+", choices=[*FIELDS, *(f.replace("_", "-") for f in FIELDS)]
             )
 
+
+def _add_stats(sub: Any) -> None:
     p = _command(sub, "stats", cmd_stats, "answered / escalated / helpful rates")
     p.add_argument("--platform", default="")
     p.add_argument("--workspace", default="")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _add_conversation(sub: Any) -> None:
     conv = sub.add_parser("conversation", help="list, export, import transcripts").add_subparsers(
         dest="conversation_command", required=True, metavar="ACTION"
     )
@@ -375,13 +361,17 @@ def add_admin_commands(sub: Any) -> None:
         help="into this conversation id (default: the file's)",
     )
 
+
+def _add_user(sub: Any) -> None:
     user = sub.add_parser("user", help="user data").add_subparsers(
         dest="user_command", required=True, metavar="ACTION"
     )
     p = _command(user, "forget", cmd_user_forget, "delete a user's messages and feedback")
-    p.add_argument("platform", choices=["slack", "discord", "console"])
+    p.add_argument("platform", choices=PLATFORMS)
     p.add_argument("user", help="the user's platform id")
 
+
+def _add_handoff(sub: Any) -> None:
     handoff = sub.add_parser("handoff", help="conversations with a person").add_subparsers(
         dest="handoff_command", required=True, metavar="ACTION"
     )

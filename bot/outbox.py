@@ -16,9 +16,9 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from core.conversation import Reply
+from core.jobs import consumer_name
 from core.keys import POSTED_TTL_S, Keys, adapter_group
-from core.redis_conn import TRANSIENT_ERRORS, Redis, backoff_s
-from core.worker import consumer_name
+from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +79,14 @@ class OutboxConsumer:
                 raise
 
     async def run(self) -> None:
-        failures = 0
+        backoff = Backoff(f"posting from the {self.platform} outbox")
         while not self.stopping.is_set():
             try:
                 await self.ensure_group()
                 await self.step()
-                failures = 0
+                backoff.succeeded()
             except TRANSIENT_ERRORS as exc:
-                failures += 1
-                wait_s = backoff_s(failures)
-                log.warning(
-                    "Redis unreachable (%s); %s outbox retrying in %.1f s",
-                    exc,
-                    self.platform,
-                    wait_s,
-                )
-                await asyncio.sleep(wait_s)
+                await backoff.failed(exc)
 
     async def step(self, block_ms: int = 1000) -> int:
         """Post what is waiting; returns how many replies were handled."""

@@ -82,10 +82,54 @@ class Message:
 
 
 @dataclass(frozen=True)
+class ReplyId:
+    """The name of a reply: its conversation, what it is, and a number.
+
+    An answer is named by the newest user message it covers (`conv:seq`), so a redelivered
+    job produces the same id and the outbox can tell a retry from a new reply; alerts and
+    notices that answer no message carry their kind and the time in milliseconds
+    (`conv:support:ms`, `conv:released:ms`). Built and parsed only here.
+    """
+
+    conversation: ConversationKey
+    number: int
+    kind: str = ""  # "" for an answer; "support" or "released" otherwise
+
+    @classmethod
+    def answer(cls, conversation: ConversationKey, seq: int) -> ReplyId:
+        return cls(conversation, seq)
+
+    @classmethod
+    def support_alert(cls, conversation: ConversationKey, at_s: float) -> ReplyId:
+        return cls(conversation, int(at_s * 1000), "support")
+
+    @classmethod
+    def release_notice(cls, conversation: ConversationKey, at_s: float) -> ReplyId:
+        return cls(conversation, int(at_s * 1000), "released")
+
+    def __str__(self) -> str:
+        if self.kind:
+            return f"{self.conversation.id}:{self.kind}:{self.number}"
+        return f"{self.conversation.id}:{self.number}"
+
+    @classmethod
+    def parse(cls, text: str) -> ReplyId:
+        """Raises ValueError for anything `str(ReplyId)` does not produce."""
+        parts = text.split(":", 4)
+        if len(parts) != 5:
+            raise ValueError(f"not a reply id: {text!r}")
+        conversation = ConversationKey.from_id(":".join(parts[:4]))
+        kind, _, number = parts[4].rpartition(":")
+        if kind not in ("", "support", "released") or not number.isdigit():
+            raise ValueError(f"not a reply id: {text!r}")
+        return cls(conversation, int(number), kind)
+
+
+@dataclass(frozen=True)
 class Reply:
     """What the worker puts in a platform's outbox for its adapter to post."""
 
-    reply_id: str  # stable across redeliveries: conversation id + the last user seq covered
+    reply_id: str  # a `ReplyId`, as text
     conversation: ConversationKey
     text: str
     reply_to: str  # the platform message id of the newest user message answered

@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from core.conversation import ConversationKey, Message, Role
-from core.support.handoff import Handoffs
 from core.jobs import JobQueue
-from core.support.privacy import UserData
 from core.redis_conn import with_retry
 from core.store import ConversationStore
+from core.support.handoff import Handoff, Handoffs
+from core.support.privacy import UserData
+from core.support.workspaces import WorkspaceConfig, Workspaces
 from core.text import EMPTY_MESSAGE_REPLY, clean_user_text
-from core.support.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +59,10 @@ async def submit_user_message(
     conversation, the message is stored (an agent's with the `human_agent` role) and not
     enqueued.
     """
-    redis, keys = store.redis, store.keys
-    workspaces = Workspaces(redis, keys, store.settings)
-    config = await with_retry(
-        "reading workspace settings",
-        lambda: workspaces.config(conversation.platform, conversation.workspace),
-        stop=stop,
-    )
+    config, handoff = await _conversation_settings(store, conversation, stop)
     if not config.allows(conversation.channel, direct=direct):
         log.debug("%s: channel not enabled for the bot in this workspace", conversation.id)
         return Submission(Outcome.NOT_ALLOWED)
-    handoff = await with_retry(
-        "reading the handoff state",
-        lambda: Handoffs(redis, keys, store.ttl_s).get(conversation),
-        stop=stop,
-    )
-    role = Role.USER
-    if handoff is not None and author_id != handoff.customer_id:
-        role = Role.HUMAN_AGENT
     clean = clean_user_text(text, max_chars)
     if not clean.text:
         return Submission(Outcome.REJECTED, reply_text=EMPTY_MESSAGE_REPLY)
@@ -88,36 +74,65 @@ async def submit_user_message(
             clean.original_chars,
             max_chars,
         )
+    agent = handoff is not None and author_id != handoff.customer_id
     message = Message(
-        role=role,
+        role=Role.HUMAN_AGENT if agent else Role.USER,
         text=clean.text,
         author_id=author_id,
         author_name=author_name,
         message_id=message_id,
         timestamp=time.time() if timestamp is None else timestamp,
     )
-    dedupe = dedupe_id or message_id
+    submission = await _store_and_enqueue(
+        store, queue, conversation, message, dedupe_id or message_id, handoff is not None, stop
+    )
+    return replace(submission, truncated=clean.truncated)
+
+
+async def _conversation_settings(
+    store: ConversationStore, conversation: ConversationKey, stop: asyncio.Event | None
+) -> tuple[WorkspaceConfig, Handoff | None]:
+    workspaces = Workspaces(store.redis, store.keys, store.settings)
+    config = await with_retry(
+        "reading workspace settings",
+        lambda: workspaces.config(conversation.platform, conversation.workspace),
+        stop=stop,
+    )
+    handoffs = Handoffs(store.redis, store.keys, store.ttl_s)
+    handoff = await with_retry(
+        "reading the handoff state", lambda: handoffs.get(conversation), stop=stop
+    )
+    return config, handoff
+
+
+async def _store_and_enqueue(
+    store: ConversationStore,
+    queue: JobQueue,
+    conversation: ConversationKey,
+    message: Message,
+    dedupe: str,
+    handed_off: bool,
+    stop: asyncio.Event | None,
+) -> Submission:
+    """Store (once per `dedupe` id), index, then enqueue a job unless a person has it."""
     added = await with_retry(
         "storing a message", lambda: store.add_message(conversation, message, dedupe), stop=stop
     )
-    if not added.is_new and added.queued:
+    if not added.is_new and added.settled:
         return Submission(Outcome.DUPLICATE, seq=added.seq)
+    user_data = UserData(store.redis, store.keys, store.ttl_s)
     await with_retry(
         "indexing the user's conversations",
-        lambda: UserData(redis, keys, store.ttl_s).note_participation(
-            conversation.platform, author_id, conversation.id
+        lambda: user_data.note_participation(
+            conversation.platform, message.author_id, conversation.id
         ),
         stop=stop,
     )
-    if handoff is not None:
+    if not handed_off:  # while a person has the conversation, nothing is enqueued
         await with_retry(
-            "marking a message stored", lambda: store.mark_queued(conversation, dedupe)
+            "enqueueing a job",
+            lambda: queue.enqueue(conversation, added.seq, message.message_id),
+            stop=stop,
         )
-        return Submission(Outcome.HANDED_OFF, seq=added.seq)
-    await with_retry(
-        "enqueueing a job",
-        lambda: queue.enqueue(conversation, added.seq, message_id),
-        stop=stop,
-    )
-    await with_retry("marking a job queued", lambda: store.mark_queued(conversation, dedupe))
-    return Submission(Outcome.QUEUED, seq=added.seq, truncated=clean.truncated)
+    await with_retry("marking a message settled", lambda: store.mark_settled(conversation, dedupe))
+    return Submission(Outcome.HANDED_OFF if handed_off else Outcome.QUEUED, seq=added.seq)

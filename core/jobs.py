@@ -1,9 +1,14 @@
-"""The job stream (consumer group), the dead-letter stream and the per-platform outboxes."""
+"""The streams between the parts: jobs for the workers (a consumer group) with their
+dead letters, and one outbox of replies per platform for its adapters."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +18,14 @@ from core.conversation import ConversationKey, Reply
 from core.keys import DEAD_LETTER_MAXLEN, JOBS_MAXLEN, OUTBOX_MAXLEN, WORKER_GROUP, Keys
 from core.redis_conn import Redis
 
+log = logging.getLogger(__name__)
+
 Entry = tuple[str, dict[str, str]]
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this process, for any consumer group."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,8 @@ class Job:
 
 
 class JobQueue:
+    """The job stream, read by the worker consumer group, and its dead letters."""
+
     def __init__(self, redis: Redis, keys: Keys, consumer: str = "") -> None:
         self.redis = redis
         self.keys = keys
@@ -68,6 +82,34 @@ class JobQueue:
         if not response:
             return []
         return [(entry_id, fields) for entry_id, fields in response[0][1]]
+
+    async def read_jobs(self, count: int, block_ms: int | None) -> list[Job]:
+        """Up to `count` new jobs (malformed entries go to the dead letters)."""
+        entries = await self.read_new(count, block_ms)
+        return [job for job in [await self._parse(e, f, 1) for e, f in entries] if job]
+
+    async def claim_stale_jobs(self, min_idle_ms: int, count: int) -> list[Job]:
+        """Jobs another worker left unfinished for `min_idle_ms`, now this consumer's."""
+        jobs = []
+        for entry_id, fields, deliveries in await self.claim_stale(min_idle_ms, count):
+            job = await self._parse(entry_id, fields, deliveries)
+            if job is not None:
+                log.warning(
+                    "claimed job %s of %s left unfinished (delivery %d)",
+                    entry_id,
+                    job.conversation.id,
+                    deliveries,
+                )
+                jobs.append(job)
+        return jobs
+
+    async def _parse(self, entry_id: str, fields: dict[str, str], deliveries: int) -> Job | None:
+        try:
+            return Job.from_entry(entry_id, fields, deliveries)
+        except (KeyError, ValueError) as exc:
+            log.error("malformed job %s (%r): %s; moved to dead letters", entry_id, fields, exc)
+            await self.dead_letter(entry_id, fields, f"malformed: {exc}")
+            return None
 
     async def claim_stale(
         self, min_idle_ms: int, count: int
@@ -113,12 +155,23 @@ class JobQueue:
         await self._xadd(self.keys.dead_letter, record, DEAD_LETTER_MAXLEN)
         await self.ack([entry_id])
 
-    async def publish(self, reply: Reply) -> str:
-        return await self._xadd(
-            self.keys.outbox(reply.conversation.platform), reply.to_fields(), OUTBOX_MAXLEN
-        )
-
     async def _xadd(self, stream: str, fields: dict[str, str], maxlen: int) -> str:
-        values: dict[Any, Any] = dict(fields)
-        entry_id = await self.redis.xadd(stream, values, maxlen=maxlen, approximate=True)
-        return str(entry_id)
+        return await _xadd(self.redis, stream, fields, maxlen)
+
+
+class Outbox:
+    """Where replies go: the outbox stream of the reply's platform."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def publish(self, reply: Reply) -> str:
+        stream = self.keys.outbox(reply.conversation.platform)
+        return await _xadd(self.redis, stream, reply.to_fields(), OUTBOX_MAXLEN)
+
+
+async def _xadd(redis: Redis, stream: str, fields: dict[str, str], maxlen: int) -> str:
+    values: dict[Any, Any] = dict(fields)
+    entry_id = await redis.xadd(stream, values, maxlen=maxlen, approximate=True)
+    return str(entry_id)

@@ -114,6 +114,10 @@ class Keys:
     def history_pattern(self) -> str:
         return f"{glob_escape(self.namespace)}:conv:*:history"
 
+    def conversation_of_history(self, key: str) -> str | None:
+        """The conversation id in a key `history_pattern` matched (None: not such a key)."""
+        return _between(key, f"{self.namespace}:conv:{{", "}:history")
+
     def stats(self, platform: str, workspace: str) -> str:
         """Hash of counters: answered, declined, escalated, helpful, unhelpful."""
         return f"{self.namespace}:stats:{platform}:{workspace}"
@@ -121,6 +125,14 @@ class Keys:
     @property
     def stats_pattern(self) -> str:
         return f"{glob_escape(self.namespace)}:stats:*"
+
+    def workspace_of_stats(self, key: str) -> tuple[str, str] | None:
+        """(platform, workspace) of a key `stats_pattern` matched."""
+        rest = _between(key, f"{self.namespace}:stats:", "")
+        if rest is None:
+            return None
+        platform, _, workspace = rest.partition(":")
+        return platform, workspace
 
     def user_conversations(self, platform: str, user_id: str) -> str:
         """Set of the conversation ids a user wrote in (for "forget me"), expiring."""
@@ -138,6 +150,10 @@ class Keys:
     @property
     def workspace_pattern(self) -> str:
         return f"{glob_escape(self.namespace)}:workspaces:*"
+
+    def workspace_of_settings(self, key: str) -> str | None:
+        """`platform:workspace` of a key `workspace_pattern` matched."""
+        return _between(key, f"{self.namespace}:workspaces:", "")
 
     # -- knowledge bases ---------------------------------------------------------------
 
@@ -164,6 +180,12 @@ class Keys:
     def reply_of_message(self, platform: str, channel: str, message_id: str) -> str:
         """The reply id a bot message shows, so that a reaction to it rates that reply."""
         return f"{self.namespace}:replies:{platform}:{channel}:{message_id}"
+
+
+def _between(key: str, prefix: str, suffix: str) -> str | None:
+    if not key.startswith(prefix) or not key.endswith(suffix) or len(key) < len(prefix + suffix):
+        return None
+    return key[len(prefix) : len(key) - len(suffix)]
 
 
 def glob_escape(text: str) -> str:

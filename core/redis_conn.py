@@ -1,4 +1,8 @@
-"""Connecting to Redis, and retrying calls while it is unreachable."""
+"""Connecting to Redis, and the one way this project waits out an unreachable Redis.
+
+`Backoff` is the only retry policy: `with_retry` retries one call with it, and the long
+running loops (the worker, the outbox consumers) use it between failed steps.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,36 @@ TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OS
 def backoff_s(failures: int, cap_s: float = 10.0) -> float:
     """Seconds to wait after `failures` consecutive failures: 0.4, 0.8, 1.6 … capped."""
     return min(0.2 * 2.0**failures, cap_s)
+
+
+class Backoff:
+    """Consecutive failures of one activity, each logged and followed by a growing wait."""
+
+    def __init__(self, what: str, cap_s: float = 10.0) -> None:
+        self.what = what
+        self.cap_s = cap_s
+        self.failures = 0
+
+    async def failed(self, exc: BaseException) -> None:
+        """Log the failure and wait before the next attempt."""
+        self.failures += 1
+        wait_s = backoff_s(self.failures, self.cap_s)
+        log.warning(
+            "Redis unreachable while %s (%s: %s); retrying in %.1f s (attempt %d)",
+            self.what,
+            type(exc).__name__,
+            exc,
+            wait_s,
+            self.failures,
+        )
+        await asyncio.sleep(wait_s)
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.info(
+                "Redis reachable again; %s succeeded after %d retries", self.what, self.failures
+            )
+        self.failures = 0
 
 
 def mask_url(url: str) -> str:
@@ -51,25 +85,14 @@ async def with_retry(
 
     Gives up only when `stop` is set (shutdown); then the last error is raised.
     """
-    failures = 0
+    backoff = Backoff(what, max_wait_s)
     while True:
         try:
             result = await call()
         except TRANSIENT_ERRORS as exc:
-            failures += 1
-            wait_s = backoff_s(failures, max_wait_s)
-            log.warning(
-                "Redis unreachable while %s (%s: %s); retrying in %.1f s (attempt %d)",
-                what,
-                type(exc).__name__,
-                exc,
-                wait_s,
-                failures,
-            )
             if stop is not None and stop.is_set():
                 raise
-            await asyncio.sleep(wait_s)
+            await backoff.failed(exc)
             continue
-        if failures:
-            log.info("Redis reachable again; %s succeeded after %d retries", what, failures)
+        backoff.succeeded()
         return result

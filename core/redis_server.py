@@ -64,42 +64,41 @@ class RedisServer:
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir()
-        args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.data_dir.resolve()),
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(self.log_file.resolve()),
-        ]
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, preexec_fn=_detach_and_die_with_parent
+            self._command(binary), stdin=subprocess.DEVNULL, preexec_fn=_detach_and_die_with_parent
         )
+        self._wait_until_up(self.process, timeout_s)
+        log.info("embedded redis-server on port %d, data in %s", self.port, self.data_dir)
+        return self.url
+
+    def _command(self, binary: str) -> list[str]:
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "dir": str(self.data_dir.resolve()),
+            "appendonly": "yes" if self.appendonly else "no",
+            "appendfsync": "everysec",
+            "save": "",
+            "daemonize": "no",
+            "logfile": str(self.log_file.resolve()),
+        }
+        return [binary, *(part for name, value in options.items() for part in (f"--{name}", value))]
+
+    def _wait_until_up(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
-                if self.process.poll() is not None:
+                if process.poll() is not None:
                     self.kill()  # releases the data directory
                     raise RedisServerError(
-                        f"redis-server exited at start (code {self.process.returncode}); "
+                        f"redis-server exited at start (code {process.returncode}); "
                         f"its log {self.log_file} ends with: {self._log_tail()}"
                     )
                 try:
                     # Another server may already own the port: only our own child counts.
-                    if client.info("server").get("process_id") == self.process.pid:
-                        break
+                    if client.info("server").get("process_id") == process.pid:
+                        return
                 except (redis.ConnectionError, redis.TimeoutError):
                     pass
                 # Loading a large AOF answers LOADING (BusyLoadingError, a ConnectionError).
@@ -111,8 +110,6 @@ class RedisServer:
                 time.sleep(0.05)
         finally:
             client.close()
-        log.info("embedded redis-server on port %d, data in %s", self.port, self.data_dir)
-        return self.url
 
     def _lock_data_dir(self) -> None:
         """Two servers on one data directory would corrupt its append-only file."""

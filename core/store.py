@@ -7,21 +7,26 @@ hash slot), so it stays valid on Redis Cluster.
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from dataclasses import dataclass
+from types import TracebackType
 
 from core.conversation import ConversationKey, Message, Reply
 from core.keys import DEDUPE_TTL_S, Keys
-from core.redis_conn import Redis
+from core.redis_conn import Redis, with_retry
 from core.settings import Settings
 
+log = logging.getLogger(__name__)
+
 # KEYS: history, state, seen.  ARGV: message json, max messages, ttl_s, dedupe ttl_s.
-# Returns {is_new, seq, queued}.
+# Returns {is_new, seq, settled}.
 _ADD_MESSAGE = """
 local prev = redis.call('GET', KEYS[3])
 if prev then
-  local queued = 0
-  if string.sub(prev, 1, 1) == 'q' then queued = 1; prev = string.sub(prev, 2) end
-  return {0, tonumber(prev), queued}
+  local settled = 0
+  if string.sub(prev, 1, 1) == 'q' then settled = 1; prev = string.sub(prev, 2) end
+  return {0, tonumber(prev), settled}
 end
 local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local msg = cjson.decode(ARGV[1])
@@ -34,8 +39,9 @@ redis.call('SET', KEYS[3], seq, 'EX', ARGV[4])
 return {1, seq, 0}
 """
 
-# KEYS: seen.  Marks the message's job as enqueued, keeping the marker's TTL.
-_MARK_QUEUED = """
+# KEYS: seen.  Marks the message settled (job enqueued, or stored during a handoff),
+# keeping the marker's TTL.
+_MARK_SETTLED = """
 local prev = redis.call('GET', KEYS[1])
 if prev and string.sub(prev, 1, 1) ~= 'q' then
   redis.call('SET', KEYS[1], 'q' .. prev, 'KEEPTTL')
@@ -88,7 +94,7 @@ return 0
 class AddResult:
     seq: int
     is_new: bool
-    queued: bool  # for a duplicate: whether its job was already enqueued
+    settled: bool  # for a duplicate: whether it was fully handled (see `mark_settled`)
 
 
 @dataclass(frozen=True)
@@ -126,12 +132,14 @@ class ConversationStore:
         self.max_messages = max_messages
         self.ttl_s = ttl_s
         self._add = redis.register_script(_ADD_MESSAGE)
-        self._mark_queued = redis.register_script(_MARK_QUEUED)
+        self._mark_settled = redis.register_script(_MARK_SETTLED)
         self._commit = redis.register_script(_COMMIT_REPLY)
         self._clear_pending = redis.register_script(_CLEAR_PENDING)
         self._renew = redis.register_script(_RENEW_LOCK)
         self._release = redis.register_script(_RELEASE_LOCK)
         self._mark_answered = redis.register_script(_MARK_ANSWERED)
+        # The locks this process holds now, for the heartbeat that renews them.
+        self.held_locks: set[ConversationLock] = set()
 
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings) -> ConversationStore:
@@ -149,14 +157,16 @@ class ConversationStore:
         """Append a message unless `dedupe_id` (default: its message id) was seen already."""
         k = self.keys
         seen = k.seen(conversation, dedupe_id or message.message_id)
-        is_new, seq, queued = await self._add(
+        is_new, seq, settled = await self._add(
             keys=[k.history(conversation), k.state(conversation), seen],
             args=[message.to_json(), self.max_messages, self.ttl_s, DEDUPE_TTL_S],
         )
-        return AddResult(seq=int(seq), is_new=bool(is_new), queued=bool(queued))
+        return AddResult(seq=int(seq), is_new=bool(is_new), settled=bool(settled))
 
-    async def mark_queued(self, conversation: ConversationKey, dedupe_id: str) -> None:
-        await self._mark_queued(keys=[self.keys.seen(conversation, dedupe_id)])
+    async def mark_settled(self, conversation: ConversationKey, dedupe_id: str) -> None:
+        """The message's dedupe marker says it was fully handled (its job enqueued, or it
+        was stored during a handoff), so a retry of the same event is a duplicate."""
+        await self._mark_settled(keys=[self.keys.seen(conversation, dedupe_id)])
 
     async def history(self, conversation: ConversationKey) -> list[Message]:
         raw = await self.redis.lrange(self.keys.history(conversation), 0, -1)
@@ -196,8 +206,11 @@ class ConversationStore:
     async def clear_pending(self, reply: Reply) -> None:
         await self._clear_pending(keys=[self.keys.state(reply.conversation)], args=[reply.reply_id])
 
-    async def clear(self, conversation: ConversationKey) -> None:
-        """Forget a conversation (a user's "reset"): history, state and thread markers."""
+    async def reset(self, conversation: ConversationKey) -> None:
+        """A user's "reset": history, state, thread markers and handoff go.
+
+        Kept: records of posted parts, answers and ratings, and dedupe markers (they expire
+        on their own; forgetting a user removes them: `UserData.forget`)."""
         k = self.keys
         await self.redis.delete(
             k.history(conversation),
@@ -207,15 +220,69 @@ class ConversationStore:
             k.handoff(conversation),
         )
 
-    async def acquire_lock(self, conversation: ConversationKey, token: str, ttl_s: float) -> bool:
+    def lock(self, conversation: ConversationKey, ttl_s: float) -> ConversationLock:
+        """`async with store.lock(c, ttl_s) as lock:` tries once; `lock.held` says if it
+        got it, and leaving the block releases it."""
+        return ConversationLock(self, conversation, ttl_s)
+
+    async def _acquire_lock(self, conversation: ConversationKey, token: str, ttl_s: float) -> bool:
         key = self.keys.lock(conversation)
         return bool(await self.redis.set(key, token, nx=True, px=int(ttl_s * 1000)))
 
-    async def renew_lock(self, conversation: ConversationKey, token: str, ttl_s: float) -> bool:
+    async def _renew_lock(self, conversation: ConversationKey, token: str, ttl_s: float) -> bool:
         renewed = await self._renew(
             keys=[self.keys.lock(conversation)], args=[token, int(ttl_s * 1000)]
         )
         return bool(renewed)
 
-    async def release_lock(self, conversation: ConversationKey, token: str) -> None:
+    async def _release_lock(self, conversation: ConversationKey, token: str) -> None:
         await self._release(keys=[self.keys.lock(conversation)], args=[token])
+
+
+class ConversationLock:
+    """One worker's hold on a conversation (`Keys.lock`): a random token under an expiring
+    key, so that only its holder can renew or release it."""
+
+    def __init__(self, store: ConversationStore, conversation: ConversationKey, ttl_s: float):
+        self.store = store
+        self.conversation = conversation
+        self.ttl_s = ttl_s
+        self.token = uuid.uuid4().hex
+        self.held = False
+
+    async def acquire(self) -> bool:
+        self.held = await self.store._acquire_lock(self.conversation, self.token, self.ttl_s)
+        if self.held:
+            self.store.held_locks.add(self)
+        return self.held
+
+    async def renew(self) -> bool:
+        """Extend the hold; False (and a warning) when it expired and may be another's."""
+        if not self.held:
+            return False
+        if await self.store._renew_lock(self.conversation, self.token, self.ttl_s):
+            return True
+        log.warning("lost the lock of %s: it expired before it was renewed", self.conversation.id)
+        return False
+
+    async def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        self.store.held_locks.discard(self)
+        await with_retry(
+            "releasing a conversation lock",
+            lambda: self.store._release_lock(self.conversation, self.token),
+        )
+
+    async def __aenter__(self) -> ConversationLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.release()

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from core.generation.model_files import prepare_model
 from core.generation.transformers_engine import TransformersEngine
 from core.keys import Keys
-from core.generation.model_files import prepare_model
 from core.redis_server import RedisServer
 from core.settings import Settings
 

@@ -33,7 +33,7 @@ def test_run_answers_piped_questions_with_the_bundled_model(
     assert not (tmp_path / "data" / "redis.url").exists()  # cleaned up at exit
     log = (tmp_path / "data" / "chatbot.log").read_text()
     assert log.count("generated 1 replies") == 2  # one per question; blank lines ignored
-    assert "stopped after posting 2 replies" in log
+    assert "stopped after publishing 2 replies" in log
 
 
 def test_worker_and_chat_talk_through_redis(
@@ -51,12 +51,12 @@ def test_worker_and_chat_talk_through_redis(
         health = chatbot(["health"], env, tmp_path)
         report, _ = health.communicate(timeout=60)
         assert health.returncode == 0
-        assert json.loads(report)["workers"][0]["replies_posted"] == 1
+        assert json.loads(report)["workers"][0]["replies_published"] == 1
     finally:
         worker.send_signal(signal.SIGTERM)
         _, worker_err = worker.communicate(timeout=60)
     assert worker.returncode == 0, worker_err
-    assert "stopped after posting 1 replies" in worker_err
+    assert "stopped after publishing 1 replies" in worker_err
     health = chatbot(["health"], env, tmp_path)
     _, problem = health.communicate(timeout=60)
     assert health.returncode == 1 and "no live worker" in problem

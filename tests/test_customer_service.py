@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 
 from core.conversation import ConversationKey, Message, Role
+from core.generation.transformers_engine import TransformersEngine
+from core.keys import Keys
 from core.knowledge.embeddings import Embedder
+from core.knowledge.retrieval import Retriever
+from core.knowledge.store import KnowledgeBaseStore
+from core.settings import Settings
 from core.support.feedback import Feedback, read_stats
 from core.support.handoff import HANDOFF_RELEASED, HANDOFF_STARTED
-from core.generation.transformers_engine import TransformersEngine
-from core.knowledge.store import KnowledgeBaseStore
-from core.keys import Keys
 from core.support.privacy import UserData, import_transcript, parse_transcript, transcript_lines
-from core.knowledge.retrieval import Retriever
-from core.settings import Settings
-from core.worker import Worker
 from core.support.workspaces import Workspaces
+from core.worker import Worker
 from tests.helpers import ScriptedEngine, make_store, outbox, submit, wait_for
 from tests.slack_emulator import app_mention, block_action, message, post_interaction
 from tests.test_slack import TEAM, Harness, close, conversation, make_harness

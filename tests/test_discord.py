@@ -12,25 +12,19 @@ import pytest
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot.discord.adapter import (
-    INTENT_HELP,
-    RELEASE_DONE,
-    RESET_DONE,
-    DiscordAdapter,
-    _buttons,
-    jump_link,
-)
+from bot.discord import INTENT_HELP, RELEASE_DONE, RESET_DONE, DiscordAdapter, jump_link
+from bot.discord.posting import _buttons
 from core.conversation import ConversationKey, Reply, Role
-from core.generation.engine import Engine
 from core.errors import POLITE_FAILURE, SettingsError
-from core.support.feedback import Feedback
-from core.support.handoff import HANDOFF_NO_CONTACT, HANDOFF_RELEASED, HANDOFF_STARTED, Handoffs
+from core.generation.engine import Engine
 from core.generation.transformers_engine import TransformersEngine
-from core.jobs import JobQueue
+from core.jobs import Outbox
 from core.keys import Keys
 from core.settings import Settings
-from core.worker import Worker
+from core.support.feedback import Feedback
+from core.support.handoff import HANDOFF_NO_CONTACT, HANDOFF_RELEASED, HANDOFF_STARTED, Handoffs
 from core.support.workspaces import Workspaces
+from core.worker import Worker
 from tests.discord_emulator import (
     ANN_ID,
     BOB_ID,
@@ -451,7 +445,7 @@ async def test_the_talk_to_a_person_button_and_release_command(discord_bot: Harn
         0,
         meta={"actions": ["handoff"]},
     )
-    await JobQueue(discord_bot.redis, Keys(discord_bot.settings.namespace)).publish(offer)
+    await Outbox(discord_bot.redis, Keys(discord_bot.settings.namespace)).publish(offer)
     sent = await discord_bot.wait_sent(channel, 2)
     assert custom_ids(sent[1]) == [f"handoff_request:{conversation.id}"]
     await emulator.click_button(sent[1]["id"], f"handoff_request:{conversation.id}")

@@ -11,16 +11,18 @@ from typing import Any
 
 import pytest
 
-from core.knowledge.answers import DECLINE_TEXT, QUOTE_INTRO, detect_intent, invented_facts
 from core.conversation import ConversationKey
-from core.knowledge.embeddings import Embedder
 from core.generation.transformers_engine import TransformersEngine
-from core.knowledge.store import KnowledgeBaseError, KnowledgeBaseStore, read_documents
 from core.keys import Keys
+from core.knowledge.answers import DECLINE_TEXT, QUOTE_INTRO, invented_facts
+from core.knowledge.documents import KnowledgeBaseError, read_documents
+from core.knowledge.embeddings import Embedder
 from core.knowledge.retrieval import Retriever
+from core.knowledge.store import KnowledgeBaseStore
+from core.policy import detect_intent
 from core.settings import Settings
-from core.worker import Worker
 from core.support.workspaces import Workspaces
+from core.worker import Worker
 from tests.helpers import ScriptedEngine, outbox, submit, wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kb"

@@ -1,6 +1,6 @@
 from core.conversation import Message, Role
-from core.generation.transformers_engine import TransformersEngine
 from core.generation.prompt import FALLBACK_REPLY, build_prompt, finalize_reply, history_turns
+from core.generation.transformers_engine import TransformersEngine
 
 
 def msg(seq: int, text: str, role: Role = Role.USER, author: str = "u1") -> Message:

@@ -12,14 +12,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bot.slack.adapter import MESSAGE_LIMIT, RESET_DONE, WORKING_TEXT, SlackAdapter
+from bot.slack import MESSAGE_LIMIT, RESET_DONE, WORKING_TEXT, SlackAdapter
 from core.conversation import ConversationKey, Role
-from core.generation.engine import Engine
 from core.errors import POLITE_FAILURE
+from core.generation.engine import Engine
 from core.generation.transformers_engine import TransformersEngine
 from core.keys import Keys
-from core.redis_server import free_port
 from core.knowledge.retrieval import Retriever
+from core.redis_server import free_port
 from core.settings import Settings
 from core.worker import Worker
 from tests.helpers import RecordingEngine, ScriptedEngine, echo_answer, make_store, wait_for

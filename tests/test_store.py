@@ -1,5 +1,7 @@
 from typing import Any
 
+import pytest
+
 from core.conversation import ConversationKey, Message, Reply, Role
 from core.keys import Keys
 from core.settings import Settings
@@ -26,9 +28,9 @@ async def test_messages_are_numbered_and_deduplicated(redis: Any, settings: Sett
     again = await store.add_message(CONV, message("m1"))
     assert (first.seq, first.is_new) == (1, True)
     assert (second.seq, second.is_new) == (2, True)
-    assert (again.seq, again.is_new, again.queued) == (1, False, False)
-    await store.mark_queued(CONV, "m1")
-    assert (await store.add_message(CONV, message("m1"))).queued
+    assert (again.seq, again.is_new, again.settled) == (1, False, False)
+    await store.mark_settled(CONV, "m1")
+    assert (await store.add_message(CONV, message("m1"))).settled
     history = await store.history(CONV)
     assert [(m.message_id, m.seq, m.text) for m in history] == [
         ("m1", 1, "hello"),
@@ -81,11 +83,27 @@ async def test_a_reply_commits_once_and_waits_until_delivered(
 
 async def test_locks_belong_to_their_holder(redis: Any, settings: Settings) -> None:
     store = make_store(redis, settings)
-    assert await store.acquire_lock(CONV, "a", 5)
-    assert not await store.acquire_lock(CONV, "b", 5)
-    assert not await store.renew_lock(CONV, "b", 5)
-    await store.release_lock(CONV, "b")  # not b's: stays
-    assert not await store.acquire_lock(CONV, "b", 5)
-    assert await store.renew_lock(CONV, "a", 5)
-    await store.release_lock(CONV, "a")
-    assert await store.acquire_lock(CONV, "b", 5)
+    a, b = store.lock(CONV, 5), store.lock(CONV, 5)
+    assert await a.acquire()
+    assert not await b.acquire()
+    assert not await b.renew()
+    await b.release()  # not b's: stays
+    assert not await b.acquire()
+    assert await a.renew()
+    assert store.held_locks == {a}
+    await a.release()
+    assert store.held_locks == set()
+    assert await b.acquire()
+    await b.release()
+
+
+async def test_a_lock_block_releases_on_error(redis: Any, settings: Settings) -> None:
+    store = make_store(redis, settings)
+    with pytest.raises(RuntimeError):
+        async with store.lock(CONV, 5) as lock:
+            assert lock.held
+            async with store.lock(CONV, 5) as other:
+                assert not other.held  # a busy lock is not waited for
+            raise RuntimeError("boom")
+    assert await redis.get(store.keys.lock(CONV)) is None
+    assert store.held_locks == set()

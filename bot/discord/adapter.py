@@ -5,14 +5,10 @@
   never answered.
 - Conversation: in a channel, the reply chain started by a mention (guild + channel + the
   chain's first message); a thread, a DM: the whole thread or DM.
-- Replies: as a reply to the triggering message, typing shown while the workers generate,
-  split below 2,000 characters (never inside a code block), and unable to ping @everyone or
-  roles. discord.py waits out rate limits; a resumed gateway session that replays a message
-  is deduplicated by message id, so it is never answered twice.
-- Customer service: a handoff alert goes to the workspace's support channel (pinging the
-  support role, with a link to the conversation); answers get 👍/👎 reactions that rate
-  them; "Talk to a person" / "Hand back to the bot" buttons and /release hand the
-  conversation to a person and back.
+- Typing is shown while the workers generate; a resumed gateway session that replays a
+  message is deduplicated by message id, so it is never answered twice.
+- Replies and handoff alerts go out through `bot.discord.posting`; slash commands, buttons
+  and reactions are handled in `bot.discord.commands`.
 """
 
 from __future__ import annotations
@@ -30,23 +26,22 @@ import discord
 import yarl
 from discord import app_commands
 
-from bot.chunking import split_message
-from bot.outbox import OutboxConsumer, PermanentPostError, PostedParts
-from core.conversation import ConversationKey, Reply
+from bot.discord.commands import DiscordCommands
+from bot.discord.posting import PLATFORM, REPLY_MENTIONS, DiscordPoster
+from bot.outbox import OutboxConsumer
+from core.conversation import ConversationKey
 from core.errors import SettingsError
-from core.support.feedback import Feedback
-from core.support.handoff import Handoffs, release_and_announce
 from core.inbound import Outcome, Submission, submit_user_message
-from core.jobs import JobQueue
-from core.keys import POSTED_TTL_S, Keys
+from core.jobs import JobQueue, Outbox
+from core.keys import Keys
 from core.redis_conn import Redis
 from core.settings import Settings
 from core.store import ConversationStore
+from core.support.feedback import Feedback
+from core.support.handoff import Handoffs
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "discord"
-MESSAGE_LIMIT = 2000
 TYPING_TIMEOUT_S = 180.0
 CHAIN_WAIT_TRIES = 30  # x 0.1 s
 # View Channels, Send Messages, Send Messages in Threads, Read Message History.
@@ -56,31 +51,6 @@ INTENT_HELP = (
     "https://discord.com/developers/applications → your application → Bot → Privileged "
     "Gateway Intents → MESSAGE CONTENT INTENT, save, then start again."
 )
-RESET_DONE = "Done: I've forgotten our conversation here."
-RESET_IN_CHANNEL = (
-    "In a channel every mention starts a new conversation, so there is nothing to reset. "
-    "/reset works in DMs and threads."
-)
-# The bot's words never ping anyone but the person it replies to.
-REPLY_MENTIONS = discord.AllowedMentions(
-    everyone=False, roles=False, users=False, replied_user=True
-)
-HANDOFF_REQUEST_TEXT = "talk to a person"
-RELEASE_DONE = "Done: the bot answers in this conversation again."
-RELEASE_NOT_ACTIVE = "This conversation is already back with the bot."
-RELEASE_WHERE = (
-    "/release works in the DM or thread of a conversation handed to a person; for a "
-    "conversation in a channel, use the button on the handoff message."
-)
-# Reactions that rate an answer: emoji -> helpful
-FEEDBACK_EMOJI = {"👍": True, "👎": False}
-_SKIN_TONES = re.compile("[\U0001f3fb-\U0001f3ff]")
-# Buttons each reply action shows: action -> (custom_id prefix, label, style)
-BUTTONS: dict[str, tuple[str, str, discord.ButtonStyle]] = {
-    "handoff": ("handoff_request", "Talk to a person", discord.ButtonStyle.primary),
-    "release": ("handoff_release", "Hand back to the bot", discord.ButtonStyle.secondary),
-}
-CUSTOM_ID_LIMIT = 100
 
 
 def application_id_from_token(token: str) -> str:
@@ -117,17 +87,26 @@ class DiscordAdapter:
         intents.message_content = True
         self.client = _Client(self, intents=intents, allowed_mentions=REPLY_MENTIONS)
         self.tree = app_commands.CommandTree(self.client)
-        self.tree.command(name="ask", description="Ask the support assistant a question")(
-            self._on_ask
-        )
-        self.tree.command(name="reset", description="Forget our conversation here")(self._on_reset)
-        self.tree.command(name="release", description="Hand this conversation back to the bot")(
-            self._on_release
-        )
+        self.poster = DiscordPoster(self.client, redis, self.keys, settings.history_ttl_s)
         self.feedback = Feedback(redis, self.keys, settings.history_ttl_s)
         self.handoffs = Handoffs(redis, self.keys, settings.history_ttl_s)
+        self.commands = DiscordCommands(
+            self.client,
+            redis=redis,
+            keys=self.keys,
+            store=self.store,
+            outbox=Outbox(redis, self.keys),
+            feedback=self.feedback,
+            handoffs=self.handoffs,
+            submit=self.submit,
+        )
+        self.commands.register(self.tree)
         self.outbox = OutboxConsumer(
-            redis, self.keys, PLATFORM, self._post_reply, reclaim_idle_s=settings.reclaim_idle_s
+            redis,
+            self.keys,
+            PLATFORM,
+            self.poster.post_reply,
+            reclaim_idle_s=settings.reclaim_idle_s,
         )
         self._typing: set[asyncio.Task[None]] = set()
 
@@ -141,7 +120,7 @@ class DiscordAdapter:
         if conversation is None:
             return
         text = re.sub(rf"<@!?{me.id}>", "", message.content)
-        submission = await self._submit(
+        submission = await self.submit(
             conversation,
             message.channel,
             message.author,
@@ -152,7 +131,7 @@ class DiscordAdapter:
         if submission.outcome is Outcome.REJECTED:
             await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
 
-    async def _submit(
+    async def submit(
         self,
         conversation: ConversationKey,
         channel: Any,
@@ -245,201 +224,6 @@ class DiscordAdapter:
         except (discord.HTTPException, OSError) as exc:
             log.debug("typing indicator in %s stopped: %s", conversation.id, exc)
 
-    # -- commands -----------------------------------------------------------------------
-
-    async def _on_ask(self, interaction: discord.Interaction, question: str) -> None:
-        """Posts the question as a message; the answer comes as a reply to it."""
-        await interaction.response.send_message(
-            f"**{interaction.user.display_name} asked:** {question}",
-            allowed_mentions=discord.AllowedMentions.none(),
-        )
-        root = await interaction.original_response()
-        guild = str(interaction.guild_id) if interaction.guild_id else "dm"
-        thread = "" if guild == "dm" else str(root.id)
-        conversation = ConversationKey(PLATFORM, guild, str(interaction.channel_id), thread)
-        submission = await self._submit(
-            conversation,
-            root.channel,
-            interaction.user,
-            question,
-            str(root.id),
-            direct=guild == "dm",
-        )
-        if submission.outcome is Outcome.REJECTED:
-            await interaction.followup.send(submission.reply_text)
-
-    async def _on_reset(self, interaction: discord.Interaction) -> None:
-        conversation = _command_conversation(interaction)
-        if conversation is None:
-            await interaction.response.send_message(RESET_IN_CHANNEL, ephemeral=True)
-            return
-        await self.store.clear(conversation)
-        await interaction.response.send_message(RESET_DONE, ephemeral=True)
-
-    async def _on_release(self, interaction: discord.Interaction) -> None:
-        """Hands the conversation of this DM or thread back to the bot."""
-        conversation = _command_conversation(interaction)
-        if conversation is None:
-            await interaction.response.send_message(RELEASE_WHERE, ephemeral=True)
-            return
-        released = await release_and_announce(
-            self.handoffs, self.queue, conversation, str(interaction.user.id)
-        )
-        await interaction.response.send_message(
-            RELEASE_DONE if released else RELEASE_NOT_ACTIVE, ephemeral=True
-        )
-
-    # -- buttons and reactions ----------------------------------------------------------
-
-    async def on_interaction(self, interaction: discord.Interaction) -> None:
-        """Clicks on the handoff buttons (slash commands go to the command tree)."""
-        if interaction.type is not discord.InteractionType.component:
-            return
-        data: Any = interaction.data or {}
-        action, _, conversation_id = str(data.get("custom_id", "")).partition(":")
-        if action not in ("handoff_request", "handoff_release"):
-            return
-        try:
-            conversation = ConversationKey.from_id(conversation_id)
-        except ValueError:
-            return
-        if conversation.platform != PLATFORM:
-            return
-        if action == "handoff_release":
-            released = await release_and_announce(
-                self.handoffs, self.queue, conversation, str(interaction.user.id)
-            )
-            if released:
-                await interaction.response.defer()
-            else:
-                await interaction.response.send_message(RELEASE_NOT_ACTIVE, ephemeral=True)
-            return
-        # "Talk to a person": as if the customer had asked in words, so the request takes
-        # the same path (and the same history) as a typed one.
-        await interaction.response.defer()
-        clicked = interaction.message
-        await self._submit(
-            conversation,
-            self.client.get_partial_messageable(int(conversation.channel)),
-            interaction.user,
-            HANDOFF_REQUEST_TEXT,
-            str(clicked.id if clicked is not None else interaction.id),
-            direct=conversation.workspace == "dm",
-            dedupe_id=f"interaction:{interaction.id}",
-        )
-
-    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        """👍/👎 on an answer rates it."""
-        me = self.client.user
-        if me is None or payload.user_id == me.id or payload.emoji.id is not None:
-            return
-        helpful = FEEDBACK_EMOJI.get(_SKIN_TONES.sub("", payload.emoji.name or ""))
-        if helpful is None:
-            return
-        user = payload.member or self.client.get_user(payload.user_id)
-        if user is not None and user.bot:
-            return
-        key = self.keys.reply_of_message(PLATFORM, str(payload.channel_id), str(payload.message_id))
-        reply_id = await self.redis.get(key)
-        if not reply_id:
-            return
-        if not await self.feedback.rate(str(reply_id), str(payload.user_id), helpful=helpful):
-            log.debug("rating of %s ignored: the answer has expired", reply_id)
-
-    # -- outbound -----------------------------------------------------------------------
-
-    async def _post_reply(self, reply: Reply, parts: PostedParts) -> None:
-        if reply.kind == "support":
-            await self._post_support_alert(reply, parts)
-            return
-        conversation = reply.conversation
-        channel = self.client.get_partial_messageable(int(conversation.channel))
-        reference = None
-        if reply.reply_to:  # a notice (the bot is back…) answers no message
-            reference = discord.MessageReference(
-                message_id=int(reply.reply_to),
-                channel_id=int(conversation.channel),
-                fail_if_not_exists=False,
-            )
-        chunks = split_message(reply.text, MESSAGE_LIMIT)
-        last = len(chunks) - 1
-        rated = "feedback" in reply.actions
-        for index, chunk in enumerate(chunks):
-            if index in parts.done:
-                continue  # posted before a crash or a retry
-            view = _buttons(reply) if index == last else None  # under the last part
-            try:
-                sent = await channel.send(
-                    chunk,
-                    reference=reference if index == 0 else None,  # type: ignore[arg-type]
-                    allowed_mentions=REPLY_MENTIONS,
-                    view=view,  # type: ignore[arg-type]
-                )
-            except (discord.Forbidden, discord.NotFound) as exc:
-                raise PermanentPostError(f"Discord refused it: {exc}") from exc
-            if index == last and rated:  # before the reactions, so that none is missed
-                await self.redis.set(
-                    self.keys.reply_of_message(PLATFORM, conversation.channel, str(sent.id)),
-                    reply.reply_id,
-                    ex=POSTED_TTL_S,
-                )
-            await parts.record(index, str(sent.id))
-            if index == last and rated:
-                await _add_reactions(sent, list(FEEDBACK_EMOJI))
-            if conversation.thread:  # a reply to this message continues the conversation
-                await self.redis.set(
-                    self.keys.reply_chain(PLATFORM, conversation.channel, str(sent.id)),
-                    conversation.thread,
-                    ex=self.settings.history_ttl_s,
-                )
-
-    async def _post_support_alert(self, reply: Reply, parts: PostedParts) -> None:
-        """The handoff alert in the support channel: who to ping, who asked, a link."""
-        if 0 in parts.done:
-            return
-        conversation = reply.conversation
-        target = str(reply.meta.get("target_channel", ""))
-        if not target.isdigit():
-            raise PermanentPostError(f"the support channel {target!r} is not a Discord id")
-        mention, allowed = self._support_mention(target, str(reply.meta.get("mention", "")))
-        link = jump_link(conversation, reply.reply_to)
-        text = f"{mention}🚨 {reply.text} Open the conversation: {link}"
-        release = Reply(reply.reply_id, conversation, text, "", 0, meta={"actions": ["release"]})
-        channel = self.client.get_partial_messageable(int(target))
-        try:
-            sent = await channel.send(
-                text,
-                allowed_mentions=allowed,
-                view=_buttons(release),  # type: ignore[arg-type]
-            )
-        except (discord.Forbidden, discord.NotFound) as exc:
-            raise PermanentPostError(
-                f"Discord refused the handoff alert in {target}: {exc} (let the bot see and "
-                "post in the support channel)"
-            ) from exc
-        await parts.record(0, str(sent.id))
-
-    def _support_mention(self, target: str, mention: str) -> tuple[str, discord.AllowedMentions]:
-        """The text that pings the support role (or user), and the only ping allowed."""
-        nobody = discord.AllowedMentions.none()
-        mention_id = re.sub(r"\D", "", mention)
-        if not mention_id:
-            return "", nobody
-        # A role of the support channel's guild, else a user; "<@&id>"/"<@id>" say which.
-        is_role = not mention.startswith("<@") or mention.startswith("<@&")
-        if not mention.startswith("<@"):
-            guild = getattr(self.client.get_channel(int(target)), "guild", None)
-            is_role = guild is None or guild.get_role(int(mention_id)) is not None
-        who = discord.Object(int(mention_id))
-        if is_role:
-            allowed = discord.AllowedMentions(
-                everyone=False, users=False, roles=[who], replied_user=False
-            )
-            return f"<@&{mention_id}> ", allowed
-        return f"<@{mention_id}> ", discord.AllowedMentions(
-            everyone=False, roles=False, users=[who], replied_user=False
-        )
-
     # -- running ------------------------------------------------------------------------
 
     async def sync_commands(self) -> None:
@@ -496,55 +280,7 @@ class _Client(discord.Client):
         await self.adapter.on_message(message)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
-        await self.adapter.on_interaction(interaction)
+        await self.adapter.commands.on_interaction(interaction)
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        await self.adapter.on_raw_reaction_add(payload)
-
-
-def jump_link(conversation: ConversationKey, reply_to: str) -> str:
-    """Discord's link to the conversation: its root message (a reply chain) or the message
-    answered (a thread, whose id is the channel; a DM)."""
-    guild = "@me" if conversation.workspace == "dm" else conversation.workspace
-    link = f"https://discord.com/channels/{guild}/{conversation.channel}"
-    message = conversation.thread or reply_to
-    return f"{link}/{message}" if message else link
-
-
-def _command_conversation(interaction: discord.Interaction) -> ConversationKey | None:
-    """The conversation a slash command was used in: a DM or a thread (None elsewhere)."""
-    if interaction.guild_id is None:
-        return ConversationKey(PLATFORM, "dm", str(interaction.channel_id))
-    if isinstance(interaction.channel, discord.Thread):
-        return ConversationKey(PLATFORM, str(interaction.guild_id), str(interaction.channel.id))
-    return None
-
-
-def _buttons(reply: Reply) -> discord.ui.View | None:
-    """The buttons a reply's actions ask for; discord.py does not track them (the clicks
-    arrive in `on_interaction`, also after a restart)."""
-    buttons: list[discord.ui.Button[discord.ui.View]] = []
-    for action in reply.actions:
-        if action not in BUTTONS:
-            continue
-        prefix, label, style = BUTTONS[action]
-        custom_id = f"{prefix}:{reply.conversation.id}"
-        if len(custom_id) > CUSTOM_ID_LIMIT:
-            log.warning("no %s button in %s: its id is too long", action, reply.conversation.id)
-            continue
-        buttons.append(discord.ui.Button(label=label, style=style, custom_id=custom_id))
-    if not buttons:
-        return None
-    view = discord.ui.View(timeout=None)
-    for button in buttons:
-        view.add_item(button)
-    view.stop()  # a stopped view is sent but not stored in discord.py's view store
-    return view
-
-
-async def _add_reactions(message: discord.Message, emoji: list[str]) -> None:
-    try:
-        for each in emoji:
-            await message.add_reaction(each)
-    except discord.HTTPException as exc:
-        log.warning("could not add the rating reactions to %s: %s", message.id, exc)
+        await self.adapter.commands.on_raw_reaction_add(payload)

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from core.errors import ModelLoadError
 
@@ -55,6 +54,8 @@ class Embedder:
         self.executor = executor
 
     def embed_sync(self, texts: Sequence[str]) -> Vectors:
+        import torch  # only where texts are embedded: adapters never load it
+
         if not texts:
             return np.zeros((0, DIMENSIONS), dtype=np.float32)
         out = []

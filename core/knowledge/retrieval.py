@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.knowledge.documents import Passage
 from core.knowledge.embeddings import Embedder, Vectors
-from core.knowledge.store import KnowledgeBaseStore, Passage
+from core.knowledge.store import KnowledgeBaseStore
 
 COSINE_WEIGHT = 0.5
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from core.conversation import ConversationKey, Reply
+from core.conversation import ConversationKey, Reply, ReplyId
 from core.keys import Keys
 from core.redis_conn import Redis
 
@@ -35,11 +35,6 @@ if rating == 1 then redis.call('HINCRBY', KEYS[2], 'helpful', 1) end
 if rating == -1 then redis.call('HINCRBY', KEYS[2], 'unhelpful', 1) end
 return previous
 """
-
-
-def conversation_of_reply(reply_id: str) -> ConversationKey:
-    """Reply ids start with their conversation id (see `Reply.reply_id`)."""
-    return ConversationKey.from_id(":".join(reply_id.split(":")[:4]))
 
 
 class Feedback:
@@ -66,7 +61,10 @@ class Feedback:
 
     async def rate(self, reply_id: str, user_id: str, helpful: bool) -> bool:
         """Store a user's rating of an answer; False when the answer is unknown (expired)."""
-        conv = conversation_of_reply(reply_id)
+        try:
+            conv = ReplyId.parse(reply_id).conversation
+        except ValueError:
+            return False
         if not await self.redis.hexists(self.keys.answers(conv), reply_id):
             return False
         await self._rate(
@@ -103,9 +101,11 @@ class Stats:
 async def read_stats(redis: Redis, keys: Keys, platform: str = "", workspace: str = "") -> Stats:
     """Counters summed over the workspaces that match (all when both are empty)."""
     totals = dict.fromkeys(COUNTERS, 0)
-    prefix = keys.stats("", "")[:-2]
     async for key in redis.scan_iter(match=keys.stats_pattern):
-        key_platform, _, key_workspace = str(key)[len(prefix) + 1 :].partition(":")
+        found = keys.workspace_of_stats(str(key))
+        if found is None:
+            continue
+        key_platform, key_workspace = found
         if (platform and key_platform != platform) or (workspace and key_workspace != workspace):
             continue
         for name, value in (await redis.hgetall(key)).items():

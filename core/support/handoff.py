@@ -13,10 +13,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from core.conversation import ConversationKey, Reply
-from core.jobs import JobQueue
+from core.conversation import ConversationKey, Message, Reply, ReplyId
+from core.jobs import Outbox
 from core.keys import Keys
-from core.redis_conn import Redis
+from core.redis_conn import Redis, with_retry
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def support_notice(
 ) -> Reply:
     """The message for the support channel; the adapter adds the mention and a link."""
     return Reply(
-        reply_id=f"{conversation.id}:support:{int(handoff.since * 1000)}",
+        reply_id=str(ReplyId.support_alert(conversation, handoff.since)),
         conversation=conversation,
         text=(
             f"{handoff.customer_name or handoff.customer_id} asked for a person ({handoff.reason})."
@@ -113,14 +113,14 @@ def support_notice(
 
 
 async def release_and_announce(
-    handoffs: Handoffs, queue: JobQueue, conversation: ConversationKey, by: str
+    handoffs: Handoffs, outbox: Outbox, conversation: ConversationKey, by: str
 ) -> bool:
     """Release a handoff and tell the conversation that the bot is back."""
     released = await handoffs.release(conversation, by)
     if released is None:
         return False
     notice = Reply(
-        reply_id=f"{conversation.id}:released:{int(time.time() * 1000)}",
+        reply_id=str(ReplyId.release_notice(conversation, time.time())),
         conversation=conversation,
         text=HANDOFF_RELEASED,
         reply_to="",
@@ -128,5 +128,41 @@ async def release_and_announce(
         kind="notice",
         meta={"released_by": by},
     )
-    await queue.publish(notice)
+    await outbox.publish(notice)
     return True
+
+
+async def hand_over(
+    handoffs: Handoffs,
+    outbox: Outbox,
+    conversation: ConversationKey,
+    *,
+    customer: Message,
+    reason: str,
+    support_channel: str,
+    support_mention: str,
+) -> Handoff | None:
+    """Start a handoff and alert the support channel; None when one was already active."""
+    handoff = await handoffs.start(conversation, customer.author_id, customer.author_name, reason)
+    if handoff is None:
+        return None
+    if support_channel:
+        alert = support_notice(
+            conversation,
+            handoff,
+            support_channel=support_channel,
+            support_mention=support_mention,
+            reply_to=customer.message_id,
+        )
+        await with_retry("publishing a support alert", lambda: outbox.publish(alert))
+        return handoff
+    log.warning(
+        "handoff in %s: no support contact is configured for %s %s; set one with "
+        "`chatbot workspace set %s %s --support-channel ID` or CHATBOT_SUPPORT_CHANNEL",
+        conversation.id,
+        conversation.platform,
+        conversation.workspace,
+        conversation.platform,
+        conversation.workspace,
+    )
+    return handoff

@@ -21,6 +21,11 @@ from core.store import ConversationStore
 
 log = logging.getLogger(__name__)
 
+FORGET_DONE = (
+    "Done: I've deleted your messages and feedback from my records. "
+    "(Messages still shown in this chat are kept by the chat service, not by me.)"
+)
+
 # KEYS: history.  ARGV: author id.  Removes that author's messages; returns
 # {removed seqs as a JSON list, number of user messages by others left}.
 _REMOVE_AUTHOR = """

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import SettingsError
-from core.knowledge.store import check_kb_name
 from core.keys import Keys
+from core.knowledge.documents import check_kb_name
 from core.redis_conn import Redis
 from core.settings import Settings
 
@@ -90,9 +90,10 @@ class Workspaces:
 
     async def all(self) -> dict[str, dict[str, str]]:
         """`platform:workspace` -> overrides, for every configured workspace."""
-        prefix = self.keys.workspace("", "")[: -len(":")]
         found = {}
         async for key in self.redis.scan_iter(match=self.keys.workspace_pattern):
-            name = str(key)[len(prefix) :]
+            name = self.keys.workspace_of_settings(str(key))
+            if name is None:
+                continue
             found[name] = {str(k): str(v) for k, v in (await self.redis.hgetall(key)).items()}
         return dict(sorted(found.items()))

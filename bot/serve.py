@@ -1,0 +1,171 @@
+"""The long-running commands: run, worker, chat, slack, discord.
+
+Each imports what it runs when it starts, so that an adapter never loads torch, and the
+Slack adapter never loads discord.py (nor the Discord one slack-bolt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from bot.admin import ingest
+from bot.redis_session import Embedded, redis_session
+from core.errors import SettingsError
+from core.keys import Keys
+from core.redis_conn import Redis
+from core.settings import Settings
+
+log = logging.getLogger("chatbot")
+
+EXIT_FAILURE = 1
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def install_stop_handlers(stop: asyncio.Event) -> None:
+    """SIGINT/SIGTERM set `stop` (in-flight work drains); a second one exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.error("second %s: exiting without draining", signal.Signals(signum).name)
+            os._exit(EXIT_FAILURE)
+        log.warning(
+            "%s received: finishing in-flight work, then stopping", signal.Signals(signum).name
+        )
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+Serve = Callable[[Redis, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+async def serve_with_redis(settings: Settings, serve: Serve) -> int:
+    """Wait for Redis, run `serve` until SIGINT/SIGTERM sets the stop event, disconnect."""
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    async with redis_session(settings, wait=stop) as redis:
+        await serve(redis, stop)
+    return 0
+
+
+async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
+    """Load the model (in a thread, so the event loop keeps serving), then work until `stop`."""
+    from core.generation.transformers_engine import open_engine
+    from core.knowledge.embeddings import load_embedder
+    from core.knowledge.retrieval import Retriever
+    from core.knowledge.store import KnowledgeBaseStore
+    from core.worker import Worker
+
+    engine = await open_engine(settings, progress)
+    loop = asyncio.get_running_loop()
+    try:
+        embedder = await loop.run_in_executor(engine.executor, load_embedder, None, engine.executor)
+    except BaseException:
+        engine.close()
+        raise
+    retriever = Retriever(KnowledgeBaseStore(redis, Keys(settings.namespace)), embedder)
+    worker = Worker(redis, settings, engine, retriever=retriever)
+    run = asyncio.create_task(worker.run())
+    stop_wait = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({run, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        worker.stop()
+        await run  # drains the batch in hand
+    finally:
+        stop_wait.cancel()
+        engine.close()
+
+
+async def serve_slack(settings: Settings, redis: Redis, stop: asyncio.Event, port: int) -> None:
+    from bot.slack import SlackAdapter
+
+    await SlackAdapter(redis, settings).serve(stop, port=port)
+
+
+async def serve_discord(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
+    from bot.discord import DiscordAdapter
+
+    await DiscordAdapter(redis, settings).serve(stop)
+
+
+async def serve_console(
+    settings: Settings, redis: Redis, stop: asyncio.Event, conversation: str
+) -> None:
+    from bot.console import ConsoleChat
+
+    await ConsoleChat(redis, settings, conversation=conversation).run(stop)
+
+
+async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    return await serve_with_redis(settings, lambda r, s: serve_worker(settings, r, s))
+
+
+async def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
+    return await serve_with_redis(
+        settings, lambda r, s: serve_console(settings, r, s, args.conversation)
+    )
+
+
+async def cmd_slack(settings: Settings, args: argparse.Namespace) -> int:
+    return await serve_with_redis(settings, lambda r, s: serve_slack(settings, r, s, args.port))
+
+
+async def cmd_discord(settings: Settings, args: argparse.Namespace) -> int:
+    if args.invite_url:
+        from bot.discord import invite_url
+
+        if not settings.discord_token:
+            raise SettingsError("DISCORD_TOKEN is not set: the invite URL is made from it")
+        print(invite_url(settings.discord_token))
+        return 0
+    return await serve_with_redis(settings, lambda r, s: serve_discord(settings, r, s))
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    """Embedded Redis (unless REDIS_URL), a worker, the configured adapters or the console;
+    when one part ends (the console at end of input, or a failure), the rest stop."""
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    async with redis_session(settings, embedded=Embedded.SERVE, wait=stop) as redis:
+        for path in args.ingest:
+            progress(await ingest(settings, redis, Path(path), settings.kb, prune=True))
+        parts: dict[str, Coroutine[Any, Any, None]] = {
+            "worker": serve_worker(settings, redis, stop)
+        }
+        if settings.slack_configured:
+            parts["slack"] = serve_slack(settings, redis, stop, args.slack_port)
+        if settings.discord_configured:
+            parts["discord"] = serve_discord(settings, redis, stop)
+        if not (settings.slack_configured or settings.discord_configured):
+            parts["console"] = serve_console(settings, redis, stop, args.conversation)
+        await _run_together(parts, stop)
+    return 0
+
+
+async def _run_together(parts: dict[str, Coroutine[Any, Any, None]], stop: asyncio.Event) -> None:
+    tasks = [asyncio.create_task(part, name=name) for name, part in parts.items()]
+    stop_wait = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({*tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                raise result
+    finally:
+        stop.set()
+        for task in [*tasks, stop_wait]:
+            task.cancel()
+        await asyncio.gather(*tasks, stop_wait, return_exceptions=True)

@@ -1,0 +1,212 @@
+"""What to do with a conversation now: the one place that decides, so that the worker only
+carries plans out.
+
+The worker holds the conversation's lock, has its history and the newest user message
+waiting, and asks `AnswerPolicy.decide`. The answer is one plan:
+
+- `StayQuiet`: a person has the conversation (a handoff is active); record, say nothing;
+- `ForgetUser`: the customer asked to be forgotten; delete their data, then confirm;
+- `StartHandoff`: the customer asked for a person; alert the support channel, tell them;
+- `PostText`: a fixed reply with no generation (nothing relevant in the knowledge base);
+- `Generate`: run the model on a system prompt, then `Generate.draft` turns its text
+  into the reply (quoting and citing the knowledge base, dropping invented facts).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from core.conversation import ConversationKey, Message, Role
+from core.generation.engine import FinishReason
+from core.generation.prompt import finalize_reply
+from core.knowledge.answers import (
+    DECLINE_TEXT,
+    FRUSTRATION_OFFER,
+    GROUNDED_MAX_NEW_TOKENS,
+    MAX_PASSAGES_IN_PROMPT,
+    compose_chat,
+    compose_grounded,
+    grounded_system,
+    retrieval_query,
+)
+from core.knowledge.retrieval import Hit, Retriever
+from core.settings import Settings
+from core.support.handoff import HANDOFF_NO_CONTACT, HANDOFF_STARTED, Handoffs
+from core.support.privacy import FORGET_DONE
+from core.support.workspaces import Workspaces
+
+log = logging.getLogger(__name__)
+
+
+class Intent(StrEnum):
+    QUESTION = "question"
+    HANDOFF = "handoff"
+    FORGET = "forget"
+    SMALL_TALK = "small_talk"
+
+
+_HANDOFF = re.compile(
+    r"\b(?:talk|speak|chat|connect\s+me)\s+(?:to|with)\s+(?:a\s+|an\s+|some\s+|your\s+)?"
+    r"(?:real\s+|live\s+|actual\s+)?(?:human|person|people|agent|someone|somebody|"
+    r"representative|rep|operator|staff|support\s+(?:agent|team|person))\b"
+    r"|\b(?:human|live|real)\s+(?:agent|person|being|support)\b"
+    r"|^\s*(?:/human|human|agent|operator|representative)\s*(?:please|pls)?[\s.!?]*$",
+    re.IGNORECASE,
+)
+_FORGET = re.compile(
+    r"\b(?:forget|delete|erase|remove|wipe)\s+(?:me|about\s+me|all\s+about\s+me|"
+    r"(?:all\s+)?my\s+(?:data|messages|conversations?|history|information|info|details))\b",
+    re.IGNORECASE,
+)
+_SMALL_TALK = re.compile(
+    r"^\s*(?:hi|hello|hey|hiya|yo|good\s+(?:morning|afternoon|evening)|thanks?|thank\s+you|"
+    r"thx|ty|cheers|ok(?:ay)?|great|cool|perfect|awesome|bye|goodbye|see\s+you)"
+    r"(?:\s+(?:so\s+much|a\s+lot|very\s+much|there|again|all|everyone|bot|for\s+\w+(?:\s+\w+)?))*"
+    r"[\s!.,:)]*$",
+    re.IGNORECASE,
+)
+_FRUSTRATED = re.compile(
+    r"\b(?:useless|not\s+helpful|unhelpful|ridiculous|frustrat\w*|annoy\w*|angry|furious|"
+    r"terrible|awful|stupid|waste\s+of\s+(?:my\s+)?time|doesn'?t\s+help|does\s+not\s+help|"
+    r"not\s+what\s+i\s+asked|makes\s+no\s+sense|wtf)\b|!!!",
+    re.IGNORECASE,
+)
+
+
+def detect_intent(text: str) -> Intent:
+    if _HANDOFF.search(text):
+        return Intent.HANDOFF
+    if _FORGET.search(text):
+        return Intent.FORGET
+    if _SMALL_TALK.match(text):
+        return Intent.SMALL_TALK
+    return Intent.QUESTION
+
+
+def is_frustrated(text: str) -> bool:
+    if _FRUSTRATED.search(text):
+        return True
+    shouted = [w for w in re.findall(r"[A-Za-z]{3,}", text) if w.isupper()]
+    return len(shouted) >= 3
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A reply's content; the worker names it, commits it and sends it."""
+
+    text: str
+    kind: str = "answer"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StayQuiet:
+    pass
+
+
+@dataclass(frozen=True)
+class ForgetUser:
+    user_id: str
+    notice: str = FORGET_DONE
+
+
+@dataclass(frozen=True)
+class StartHandoff:
+    reason: str
+    support_channel: str
+    support_mention: str
+    reply: Draft
+
+
+@dataclass(frozen=True)
+class PostText:
+    reply: Draft
+
+
+@dataclass(frozen=True)
+class Generate:
+    system: str
+    max_new_tokens: int
+    hits: list[Hit] = field(default_factory=list)  # empty: a plain chat reply
+    knowledge: bool = False  # a knowledge base is loaded (so no fact may come from the model)
+    offer_handoff: bool = False
+
+    def draft(self, generated: str, finish_reason: FinishReason) -> Draft:
+        text = finalize_reply(generated, finish_reason)
+        meta: dict[str, Any] = {"actions": ["feedback"]}
+        if self.hits:
+            text, meta["sources"] = compose_grounded(text, self.hits)
+        else:
+            text = compose_chat(text, knowledge=self.knowledge)
+        if self.offer_handoff:
+            text = f"{text}\n\n{FRUSTRATION_OFFER}"
+            meta["actions"] = ["feedback", "handoff"]
+        return Draft(text, meta=meta)
+
+
+Plan = StayQuiet | ForgetUser | StartHandoff | PostText | Generate
+
+
+class AnswerPolicy:
+    def __init__(
+        self,
+        settings: Settings,
+        workspaces: Workspaces,
+        handoffs: Handoffs,
+        retriever: Retriever | None,
+    ) -> None:
+        self.settings = settings
+        self.workspaces = workspaces
+        self.handoffs = handoffs
+        self.retriever = retriever
+
+    async def decide(self, conversation: ConversationKey, history: Sequence[Message]) -> Plan:
+        """The plan for the newest user message of `history`."""
+        if await self.handoffs.get(conversation) is not None:
+            return StayQuiet()
+        newest = next(m for m in reversed(history) if m.role is Role.USER)
+        config = await self.workspaces.config(conversation.platform, conversation.workspace)
+        intent = detect_intent(newest.text)
+        if intent is Intent.HANDOFF:
+            text = HANDOFF_STARTED if config.support_channel else HANDOFF_NO_CONTACT
+            reply = Draft(text, "handoff", {"actions": ["release"]})
+            return StartHandoff(
+                "asked for a person", config.support_channel, config.support_mention, reply
+            )
+        if intent is Intent.FORGET:
+            return ForgetUser(newest.author_id)
+        frustrated = is_frustrated(newest.text)
+        knowledge = bool(self.retriever and await self.retriever.passage_count(config.kb))
+        chat = Generate(
+            config.persona, self.settings.max_new_tokens, [], knowledge, offer_handoff=frustrated
+        )
+        if intent is Intent.SMALL_TALK or not knowledge:
+            return chat
+        hits = await self._best_hits(config.kb, history)
+        relevant = [h for h in hits if h.score >= self.settings.kb_min_score]
+        if not relevant:
+            log.info(
+                "no relevant passage in %s (best score %.3f < %.3f): declined",
+                conversation.id,
+                hits[0].score if hits else 0.0,
+                self.settings.kb_min_score,
+            )
+            return PostText(Draft(DECLINE_TEXT, "decline", {"actions": ["handoff"]}))
+        return Generate(
+            grounded_system(config.persona, relevant),
+            min(self.settings.max_new_tokens, GROUNDED_MAX_NEW_TOKENS),
+            relevant,
+            knowledge,
+            offer_handoff=frustrated,
+        )
+
+    async def _best_hits(self, kb: str, history: Sequence[Message]) -> list[Hit]:
+        assert self.retriever is not None
+        queries = retrieval_query(history)
+        results = await self.retriever.search_many(kb, queries, top_k=MAX_PASSAGES_IN_PROMPT)
+        return max(results, key=lambda hits: hits[0].score if hits else 0.0, default=[])
