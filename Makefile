@@ -20,6 +20,7 @@ check: setup
 	$(BIN)/mypy
 
 bench: setup redis-server
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/throughput.py
 
 setup: $(STAMP)

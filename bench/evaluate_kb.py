@@ -40,16 +40,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.knowledge import retrieval  # noqa: E402
 from core.conversation import ConversationKey  # noqa: E402
-from core.knowledge.embeddings import load_embedder  # noqa: E402
 from core.inbound import submit_user_message  # noqa: E402
 from core.jobs import JobQueue  # noqa: E402
-from core.knowledge.store import KnowledgeBaseStore  # noqa: E402
 from core.keys import Keys  # noqa: E402
+from core.knowledge import retrieval  # noqa: E402
+from core.knowledge.embeddings import load_embedder  # noqa: E402
+from core.knowledge.retrieval import Retriever, content_words  # noqa: E402
+from core.knowledge.store import KnowledgeBaseStore  # noqa: E402
 from core.redis_conn import Redis, connect  # noqa: E402
 from core.redis_server import RedisServer  # noqa: E402
-from core.knowledge.retrieval import Retriever, content_words  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.store import ConversationStore  # noqa: E402
 

@@ -52,8 +52,8 @@ if str(REPO_ROOT) not in sys.path:  # runnable from a checkout that was not `pip
 # Only modules that need nothing beyond torch and transformers are imported here: the worker
 # path (redis) is imported when it runs, so `--skip-worker` works where redis is missing.
 from core.generation.engine import ChatTurn, Generation, GenerationRequest  # noqa: E402
-from core.generation.transformers_engine import REPETITION_PENALTY, TransformersEngine  # noqa: E402
 from core.generation.model_files import choose_device, choose_dtype, load_model, prepare_model  # noqa: E402
+from core.generation.transformers_engine import REPETITION_PENALTY, TransformersEngine  # noqa: E402
 from core.settings import DEFAULT_PERSONA, Settings  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
