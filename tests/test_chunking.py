@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot.chunking import split_message
 
@@ -44,3 +46,31 @@ def test_a_single_huge_line_is_cut_at_spaces() -> None:
     parts = split_message(text, 1000)
     assert all(len(p) <= 1000 for p in parts)
     assert sum(len(p.split()) for p in parts) == 2000
+
+
+def test_a_fence_line_longer_than_a_part_terminates() -> None:
+    """A model may write one: it used to loop forever, growing memory."""
+    for text in ("```" + "x" * 5000, "```python " + "y " * 3000 + "\ncode\n```", "`" * 4000):
+        parts = split_message(text, 2000)
+        assert all(len(p) <= 2000 for p in parts)
+        assert _is_subsequence("".join(text.split()), "".join("".join(parts).split()))
+
+
+def _is_subsequence(needle: str, haystack: str) -> bool:
+    it = iter(haystack)
+    return all(ch in it for ch in needle)
+
+
+_PIECES = st.sampled_from(
+    ["```", "```python", "~~~", "`" * 12, " ", "\n", "\n\n", "word", "😀", "é", "x" * 50]
+)
+_TEXT = st.lists(st.one_of(_PIECES, st.text(max_size=30)), max_size=60).map("".join)
+
+
+@settings(max_examples=400, deadline=2000)
+@given(text=_TEXT, limit=st.integers(min_value=20, max_value=300))
+def test_split_message_always_terminates_within_the_limit(text: str, limit: int) -> None:
+    parts = split_message(text, limit)
+    assert all(len(p) <= limit for p in parts)
+    # Nothing is lost: every visible character comes out, in order (fences may be added).
+    assert _is_subsequence("".join(text.split()), "".join("".join(parts).split()))
