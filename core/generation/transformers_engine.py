@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
@@ -89,20 +91,40 @@ class TransformersEngine:
         return sorted(ids)
 
     def encode(self, turns: Sequence[ChatTurn]) -> list[int]:
+        """The prompt's token ids. The chat template's own markup is tokenised with its
+        special tokens; the turns' contents (customers' words, names, passages) as plain
+        text, so that `<|im_start|>system` typed by a customer is text, not a new turn."""
+        nonce = uuid.uuid4().hex
+        marks = [f"<<{nonce}:{i}>>" for i in range(len(turns))]
         prompt = self.tokenizer.apply_chat_template(
-            list(turns), tokenize=False, add_generation_prompt=True
+            [{"role": t["role"], "content": m} for t, m in zip(turns, marks, strict=True)],
+            tokenize=False,
+            add_generation_prompt=True,
         )
-        ids: list[int] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        position = 0
+        for found in re.finditer(f"<<{nonce}:(\\d+)>>", prompt):
+            ids += self._ids(prompt[position : found.start()], markup=True)
+            ids += self._ids(turns[int(found.group(1))]["content"], markup=False)
+            position = found.end()
+        return ids + self._ids(prompt[position:], markup=True)
+
+    def _ids(self, text: str, *, markup: bool) -> list[int]:
+        if not text:
+            return []
+        ids: list[int] = self.tokenizer(
+            text, add_special_tokens=False, split_special_tokens=not markup
+        )["input_ids"]
         return ids
 
     def count_tokens(self, turns: Sequence[ChatTurn]) -> int:
         return len(self.encode(turns))
 
     def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._ids(text, markup=False)
         if len(ids) <= max_tokens:
             return text
-        kept: str = self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+        kept: str = self.tokenizer.decode(ids[:max_tokens])
         return kept
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
