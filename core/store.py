@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from core.conversation import ConversationKey, Message, Reply
-from core.keys import DEDUPE_TTL_S, Keys
+from core.keys import DEDUPE_TTL_S, POSTED_TTL_S, Keys
 from core.redis_conn import Redis, with_retry
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# KEYS: history, state, seen.  ARGV: message json, max messages, ttl_s, dedupe ttl_s.
+# KEYS: history, state, seen.  ARGV: message json, max messages, ttl_s, dedupe ttl_s,
+# state ttl_s.
 # Returns {is_new, seq, settled}.
 _ADD_MESSAGE = """
 local prev = redis.call('GET', KEYS[3])
@@ -34,7 +35,7 @@ msg['seq'] = seq
 redis.call('RPUSH', KEYS[1], cjson.encode(msg))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('SET', KEYS[3], seq, 'EX', ARGV[4])
 return {1, seq, 0}
 """
@@ -50,7 +51,8 @@ return 1
 """
 
 # KEYS: history, state.  ARGV: covers_seq, assistant message json or '', reply json,
-# max messages, ttl_s.  Returns 1 when committed, 0 when that seq was already answered.
+# max messages, ttl_s, state ttl_s.  Returns 1 when committed, 0 when that seq was
+# already answered.
 _COMMIT_REPLY = """
 local answered = tonumber(redis.call('HGET', KEYS[2], 'answered') or '0')
 if answered >= tonumber(ARGV[1]) then return 0 end
@@ -63,7 +65,7 @@ if ARGV[2] ~= '' then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
 redis.call('HSET', KEYS[2], 'answered', ARGV[1], 'pending_reply', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 return 1
 """
 
@@ -131,6 +133,9 @@ class ConversationStore:
         self.settings = settings or Settings()
         self.max_messages = max_messages
         self.ttl_s = ttl_s
+        # `seq` numbers the messages and names the replies (`ReplyId`); it must never
+        # restart while the outbox still remembers replies it posted under those names.
+        self.state_ttl_s = max(ttl_s, POSTED_TTL_S)
         self._add = redis.register_script(_ADD_MESSAGE)
         self._mark_settled = redis.register_script(_MARK_SETTLED)
         self._commit = redis.register_script(_COMMIT_REPLY)
@@ -159,7 +164,13 @@ class ConversationStore:
         seen = k.seen(conversation, dedupe_id or message.message_id)
         is_new, seq, settled = await self._add(
             keys=[k.history(conversation), k.state(conversation), seen],
-            args=[message.to_json(), self.max_messages, self.ttl_s, DEDUPE_TTL_S],
+            args=[
+                message.to_json(),
+                self.max_messages,
+                self.ttl_s,
+                DEDUPE_TTL_S,
+                self.state_ttl_s,
+            ],
         )
         return AddResult(seq=int(seq), is_new=bool(is_new), settled=bool(settled))
 
@@ -196,6 +207,7 @@ class ConversationStore:
                 json.dumps(reply.to_fields(), ensure_ascii=False),
                 self.max_messages,
                 self.ttl_s,
+                self.state_ttl_s,
             ],
         )
         return bool(committed)
@@ -207,14 +219,14 @@ class ConversationStore:
         await self._clear_pending(keys=[self.keys.state(reply.conversation)], args=[reply.reply_id])
 
     async def reset(self, conversation: ConversationKey) -> None:
-        """A user's "reset": history, state, thread markers and handoff go.
+        """A user's "reset": the history, thread markers and handoff go.
 
-        Kept: records of posted parts, answers and ratings, and dedupe markers (they expire
-        on their own; forgetting a user removes them: `UserData.forget`)."""
+        Kept: the state (message numbering goes on, so new replies get new names), records
+        of posted parts, answers and ratings, and dedupe markers (they expire on their
+        own; forgetting a user removes them: `UserData.forget`)."""
         k = self.keys
         await self.redis.delete(
             k.history(conversation),
-            k.state(conversation),
             k.joined(conversation),
             k.placeholder(conversation),
             k.handoff(conversation),

@@ -314,6 +314,13 @@ async def test_ask_and_reset_commands(slack: Harness) -> None:
     )
     assert status == 200 and RESET_DONE in body
     assert await store.history(conversation("D1", "")) == []
+    # After a reset the conversation goes on: a new question gets its own answer (its
+    # reply must not be taken for the one posted before the reset).
+    await slack.send(message("remember me", channel="D1", channel_type="im"))
+    texts = await slack.wait_thread(
+        "D1", None, lambda t: sum("Answer to: remember me" in x for x in t) == 2
+    )
+    assert texts.count("Answer to: remember me") == 2
 
 
 async def test_two_adapter_replicas_post_one_reply(

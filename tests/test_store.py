@@ -3,7 +3,7 @@ from typing import Any
 import pytest
 
 from core.conversation import ConversationKey, Message, Reply, Role
-from core.keys import Keys
+from core.keys import POSTED_TTL_S, Keys
 from core.settings import Settings
 from tests.helpers import make_store
 
@@ -54,7 +54,9 @@ async def test_history_is_bounded_and_expires(redis: Any, make_settings: Any) ->
     assert [m.text for m in history] == ["text 2", "text 3", "text 4"]
     keys = Keys(settings.namespace)
     assert 0 < await redis.ttl(keys.history(CONV)) <= 120
-    assert 0 < await redis.ttl(keys.state(CONV)) <= 120
+    # The state (message numbering, no text once replies are delivered) lives as long as
+    # the outbox's records of posted replies, so that reply names never repeat.
+    assert 120 < await redis.ttl(keys.state(CONV)) <= POSTED_TTL_S
     assert 0 < await redis.ttl(keys.seen(CONV, "m4")) <= 24 * 3600
 
 
@@ -107,3 +109,17 @@ async def test_a_lock_block_releases_on_error(redis: Any, settings: Settings) ->
             raise RuntimeError("boom")
     assert await redis.get(store.keys.lock(CONV)) is None
     assert store.held_locks == set()
+
+
+async def test_reset_keeps_the_numbering_so_reply_ids_never_repeat(
+    redis: Any, settings: Settings
+) -> None:
+    store = make_store(redis, settings)
+    first = await store.add_message(CONV, message("m1"))
+    await store.reset(CONV)
+    assert await store.history(CONV) == []
+    second = await store.add_message(CONV, message("m2"))
+    assert second.seq > first.seq  # a reply to it gets a name never used before
+    # The numbering outlives the outbox's record of posted replies, even when the
+    # history expires sooner.
+    assert await redis.ttl(store.keys.state(CONV)) > POSTED_TTL_S - 60
