@@ -9,7 +9,9 @@ takeover resumes after the last part instead of posting the reply twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,10 +19,12 @@ from redis.exceptions import ResponseError
 
 from core.conversation import Reply
 from core.jobs import consumer_name
-from core.keys import POSTED_TTL_S, Keys, adapter_group
+from core.keys import DEAD_LETTER_MAXLEN, POSTED_TTL_S, Keys, adapter_group
 from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis
 
 log = logging.getLogger(__name__)
+
+MAX_POST_ATTEMPTS = 5  # then the reply goes to the dead letters, for an operator to see
 
 
 class PermanentPostError(Exception):
@@ -127,9 +131,39 @@ class OutboxConsumer:
             log.error("reply %s could not be posted and is dropped: %s", reply.reply_id, exc)
         except TRANSIENT_ERRORS:
             raise
-        except Exception:
-            # Left pending: this or another replica claims it again after reclaim_idle_s.
-            log.exception("posting reply %s failed; it will be retried", reply.reply_id)
-            await asyncio.sleep(self.retry_delay_s)
-            return
+        except Exception as exc:
+            attempts = await self._attempts(entry_id)
+            if attempts < MAX_POST_ATTEMPTS:
+                # Left pending: this or another replica claims it again after reclaim_idle_s.
+                log.exception(
+                    "posting reply %s failed (attempt %d of %d); it will be retried",
+                    reply.reply_id,
+                    attempts,
+                    MAX_POST_ATTEMPTS,
+                )
+                await asyncio.sleep(self.retry_delay_s)
+                return
+            log.exception(
+                "posting reply %s failed %d times; moved to dead letters", reply.reply_id, attempts
+            )
+            await self._dead_letter(entry_id, fields, f"posting failed: {exc!r}")
         await self.redis.xack(self.stream, self.group, entry_id)
+
+    async def _attempts(self, entry_id: str) -> int:
+        """How many times the group has handed this entry out (this time included)."""
+        pending: Any = await self.redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        return int(pending[0]["times_delivered"]) if pending else 1
+
+    async def _dead_letter(self, entry_id: str, fields: dict[str, str], reason: str) -> None:
+        record: dict[Any, Any] = {
+            "entry_id": entry_id,
+            "source": self.stream,
+            "fields": json.dumps(fields, ensure_ascii=False),
+            "reason": reason,
+            "failed_at": f"{time.time():.3f}",
+        }
+        await self.redis.xadd(
+            self.keys.dead_letter, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True
+        )

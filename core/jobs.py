@@ -135,10 +135,23 @@ class JobQueue:
         return out
 
     async def touch(self, entry_ids: list[Any]) -> None:
-        """Reset the idle time of jobs this consumer is still working on."""
-        if entry_ids:
+        """Reset the idle time of jobs this consumer is still working on, and only of those
+        it still owns: one another worker reclaimed meanwhile stays that worker's."""
+        if not entry_ids:
+            return
+        owned: Any = await self.redis.xpending_range(
+            self.keys.jobs,
+            WORKER_GROUP,
+            min="-",
+            max="+",
+            count=max(len(entry_ids), 100),
+            consumername=self.consumer,
+        )
+        mine = {str(p["message_id"]) for p in owned}
+        still_mine = [e for e in entry_ids if str(e) in mine]
+        if still_mine:
             await self.redis.xclaim(
-                self.keys.jobs, WORKER_GROUP, self.consumer, 0, entry_ids, justid=True
+                self.keys.jobs, WORKER_GROUP, self.consumer, 0, still_mine, justid=True
             )
 
     async def ack(self, entry_ids: list[str]) -> None:

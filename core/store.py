@@ -27,7 +27,7 @@ local prev = redis.call('GET', KEYS[3])
 if prev then
   local settled = 0
   if string.sub(prev, 1, 1) == 'q' then settled = 1; prev = string.sub(prev, 2) end
-  return {0, tonumber(prev), settled}
+  return {0, tonumber(prev) or 0, settled}
 end
 local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local msg = cjson.decode(ARGV[1])
@@ -54,7 +54,7 @@ return 1
 # max messages, ttl_s, state ttl_s.  Returns 1 when committed, 0 when that seq was
 # already answered.
 _COMMIT_REPLY = """
-local answered = tonumber(redis.call('HGET', KEYS[2], 'answered') or '0')
+local answered = tonumber(redis.call('HGET', KEYS[2], 'answered') or '0') or 0
 if answered >= tonumber(ARGV[1]) then return 0 end
 if ARGV[2] ~= '' then
   local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
@@ -110,7 +110,7 @@ class ConversationState:
 # bot stays quiet during a handoff); a conversation that no longer exists is left alone.
 _MARK_ANSWERED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local answered = tonumber(redis.call('HGET', KEYS[1], 'answered') or '0')
+local answered = tonumber(redis.call('HGET', KEYS[1], 'answered') or '0') or 0
 if answered >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'answered', ARGV[1])
 return 1
@@ -180,16 +180,30 @@ class ConversationStore:
         await self._mark_settled(keys=[self.keys.seen(conversation, dedupe_id)])
 
     async def history(self, conversation: ConversationKey) -> list[Message]:
+        """The messages, oldest first; a corrupt entry is logged and left out."""
         raw = await self.redis.lrange(self.keys.history(conversation), 0, -1)
-        return [Message.from_json(item) for item in raw]
+        messages = []
+        for position, item in enumerate(raw):
+            try:
+                messages.append(Message.from_json(item))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error(
+                    "history entry %d of %s is corrupt (%s: %s); skipped",
+                    position,
+                    conversation.id,
+                    type(exc).__name__,
+                    exc,
+                )
+        return messages
 
     async def state(self, conversation: ConversationKey) -> ConversationState:
-        raw = await self.redis.hgetall(self.keys.state(conversation))
-        pending = raw.get("pending_reply")
+        """A corrupt counter reads as 0 and a corrupt pending reply as none (logged)."""
+        found = await self.redis.hgetall(self.keys.state(conversation))
+        raw = {str(k): str(v) for k, v in found.items()}
         return ConversationState(
-            seq=int(raw.get("seq", 0)),
-            answered=int(raw.get("answered", 0)),
-            pending_reply=Reply.from_fields(json.loads(pending)) if pending else None,
+            seq=_counter(raw, "seq", conversation),
+            answered=_counter(raw, "answered", conversation),
+            pending_reply=_pending_reply(raw, conversation),
         )
 
     async def commit_reply(self, reply: Reply, message: Message | None) -> bool:
@@ -249,6 +263,25 @@ class ConversationStore:
 
     async def _release_lock(self, conversation: ConversationKey, token: str) -> None:
         await self._release(keys=[self.keys.lock(conversation)], args=[token])
+
+
+def _counter(raw: dict[str, str], name: str, conversation: ConversationKey) -> int:
+    try:
+        return int(raw.get(name, 0))
+    except ValueError:
+        log.error("state field %s of %s is not a number: %r", name, conversation.id, raw[name])
+        return 0
+
+
+def _pending_reply(raw: dict[str, str], conversation: ConversationKey) -> Reply | None:
+    pending = raw.get("pending_reply")
+    if not pending:
+        return None
+    try:
+        return Reply.from_fields(json.loads(pending))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.error("the pending reply of %s is corrupt (%s); dropped", conversation.id, exc)
+        return None
 
 
 class ConversationLock:

@@ -57,6 +57,8 @@ from core.support.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
+STEP_FAILURE_PAUSE_S = 1.0
+
 
 @dataclass
 class Prepared:
@@ -125,6 +127,10 @@ class Worker:
                         raise
                     log.warning("job stream or group vanished; recreating it")
                     await self.queue.ensure_group()
+                except Exception:
+                    # Never a crash loop: log it, wait, go on with the next jobs.
+                    log.exception("worker step failed; going on in %.0f s", STEP_FAILURE_PAUSE_S)
+                    await asyncio.sleep(STEP_FAILURE_PAUSE_S)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(*TRANSIENT_ERRORS):
@@ -149,9 +155,12 @@ class Worker:
 
     async def _collect(self) -> list[Job]:
         s = self.settings
-        jobs = {job.entry_id: job for job in [*self._deferred.values(), *await self._reclaim()]}
+        deferred = list(self._deferred.values())
         self._deferred.clear()
-        room = s.max_batch_size - len(jobs)
+        jobs = {job.entry_id: job for job in [*deferred, *await self._reclaim()]}
+        # Deferred jobs wait on another worker's lock: they take no room in the batch, so
+        # the read below always waits for new work instead of spinning on them.
+        room = s.max_batch_size - (len(jobs) - len(deferred))
         if room > 0:
             new = await self.queue.read_jobs(room, 200 if jobs else 1000)
             if new and len(new) < room:
@@ -184,7 +193,15 @@ class Worker:
             by_conversation[job.conversation].append(job)
         prepared = []
         for conversation, conv_jobs in by_conversation.items():
-            item = await self._prepare_conversation(conversation, conv_jobs)
+            try:
+                item = await self._prepare_conversation(conversation, conv_jobs)
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception:
+                # Bad data in one conversation must not stop the others: its jobs stay
+                # pending, are retried, and end as dead letters with an apology.
+                log.exception("preparing %s failed; its jobs will be retried", conversation.id)
+                continue
             if item is not None:
                 prepared.append(item)
         return prepared
@@ -308,7 +325,14 @@ class Worker:
                 new_tokens / max(elapsed_s, 1e-9),
             )
             for item, generation in zip(batch, generations, strict=True):
-                await self._finish(item, generation)
+                try:
+                    await self._finish(item, generation)
+                except TRANSIENT_ERRORS:
+                    raise
+                except Exception:
+                    log.exception(
+                        "finishing %s failed; its jobs will be retried", item.request.request_id
+                    )
         finally:
             for item in batch:
                 self._in_flight.pop(item.request.request_id, None)

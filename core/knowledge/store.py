@@ -201,7 +201,11 @@ class KnowledgeBaseStore:
             version, raw = await pipe.execute()
         passages, vectors = [], []
         for passage_id in sorted(raw):
-            passage, vector = read_passage_record(passage_id, raw[passage_id])
+            try:
+                passage, vector = read_passage_record(passage_id, raw[passage_id])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("passage %s of %s is corrupt (%s); skipped", passage_id, kb, exc)
+                continue
             if vector.shape != (DIMENSIONS,):
                 log.error("passage %s of %s has a bad vector; skipped", passage_id, kb)
                 continue

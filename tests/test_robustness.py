@@ -1,0 +1,158 @@
+"""Data cannot kill the worker or an adapter's outbox: corrupt entries are logged and
+skipped, failures are retried a bounded number of times, nothing spins. Real redis-server,
+real (tiny) transformers model."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from bot.outbox import MAX_POST_ATTEMPTS, OutboxConsumer, PostedParts
+from core.conversation import ConversationKey, Reply, Role
+from core.generation.transformers_engine import TransformersEngine
+from core.jobs import JobQueue, Outbox
+from core.keys import WORKER_GROUP, Keys
+from core.knowledge.store import KnowledgeBaseStore
+from core.settings import Settings
+from core.worker import Worker
+from tests.helpers import RecordingEngine, make_store, outbox, submit
+
+A = ConversationKey("test", "W1", "C1", "thread-a")
+B = ConversationKey("test", "W1", "C1", "thread-b")
+
+
+async def test_a_corrupt_history_entry_is_skipped_not_fatal(
+    redis: Any, settings: Settings, tiny_engine: TransformersEngine
+) -> None:
+    keys = Keys(settings.namespace)
+    await submit(redis, settings, A, "first question", "m1")
+    for garbage in ("not json", "[1, 2]", '{"role": "wizard"}', '"text"'):
+        await redis.rpush(keys.history(A), garbage)
+    await submit(redis, settings, A, "second question", "m2")
+    worker = Worker(redis, settings, tiny_engine)
+    await worker.queue.ensure_group()
+    assert await worker.step() == 2
+    [reply] = await outbox(redis, settings)
+    assert reply.covers_seq == 2 and reply.text.strip()
+    history = await make_store(redis, settings).history(A)
+    assert [m.role for m in history] == [Role.USER, Role.USER, Role.ASSISTANT]
+
+
+async def test_a_corrupt_pending_reply_and_counter_do_not_stop_the_worker(
+    redis: Any, settings: Settings, tiny_engine: TransformersEngine
+) -> None:
+    keys = Keys(settings.namespace)
+    await submit(redis, settings, A, "hello there", "m1")
+    await redis.hset(keys.state(A), mapping={"pending_reply": "{broken", "answered": "x"})
+    await submit(redis, settings, B, "another question", "b1")
+    worker = Worker(redis, settings, tiny_engine)
+    await worker.queue.ensure_group()
+    await worker.step()
+    replies = await outbox(redis, settings)
+    assert {r.conversation for r in replies} == {A, B}
+
+
+async def test_a_conversation_whose_preparation_fails_does_not_sink_the_batch(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> None:
+    settings = make_settings(CHATBOT_MAX_DELIVERIES="1", CHATBOT_RECLAIM_IDLE_S="0.1")
+    engine = RecordingEngine(tiny_engine)
+    worker = Worker(redis, settings, engine)
+    original = worker.policy.decide
+
+    async def decide(conversation: ConversationKey, history: Any) -> Any:
+        if conversation == A:
+            raise RuntimeError("a bug in the policy")
+        return await original(conversation, history)
+
+    worker.policy.decide = decide  # type: ignore[method-assign]
+    await submit(redis, settings, A, "this one breaks", "a1")
+    await submit(redis, settings, B, "this one works", "b1")
+    await worker.queue.ensure_group()
+    await worker.step()
+    assert [r.conversation for r in await outbox(redis, settings)] == [B]
+    await asyncio.sleep(0.2)  # let the failed job become reclaimable (reclaim_idle_s)
+    await worker.step()  # claimed again, past max deliveries: dead letter and apology
+    replies = await outbox(redis, settings)
+    assert [(r.conversation, r.kind) for r in replies] == [(B, "answer"), (A, "apology")]
+    assert await redis.xlen(Keys(settings.namespace).dead_letter) == 1
+
+
+async def test_a_corrupt_passage_is_skipped(redis: Any, keys: Keys) -> None:
+    store = KnowledgeBaseStore(redis, keys)
+    await redis.hset(keys.kb_passages("default"), mapping={"p1": "{nope", "p2": "[]"})
+    _version, passages, vectors = await store.load("default")
+    assert passages == [] and vectors.shape == (0, 384)
+
+
+async def test_deferred_jobs_take_no_room_and_the_read_still_waits(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> None:
+    """A conversation locked by another worker: its jobs are deferred, and the worker
+    keeps reading new work (with a blocking read) instead of spinning on them."""
+    settings = make_settings(CHATBOT_MAX_BATCH_SIZE="2")
+    busy = [ConversationKey("test", "W1", "C1", f"busy-{i}") for i in range(2)]
+    store = make_store(redis, settings)
+    locks = [store.lock(c, 30) for c in busy]
+    for conv, lock in zip(busy, locks, strict=True):
+        await submit(redis, settings, conv, "waiting", f"{conv.thread}-m1")
+        assert await lock.acquire()
+    worker = Worker(redis, settings, tiny_engine)
+    await worker.queue.ensure_group()
+    reads: list[tuple[int, int | None]] = []
+    real_read = worker.queue.read_jobs
+
+    async def read_jobs(count: int, block_ms: int | None) -> Any:
+        reads.append((count, block_ms))
+        return await real_read(count, block_ms)
+
+    worker.queue.read_jobs = read_jobs  # type: ignore[method-assign]
+    await worker.step()  # reads both, both deferred
+    assert len(worker._deferred) == 2
+    await submit(redis, settings, A, "a new question", "a1")
+    before = len(reads)
+    await worker.step()
+    assert any(block_ms is not None and count >= 1 for count, block_ms in reads[before:])
+    assert [r.conversation for r in await outbox(redis, settings)] == [A]
+    for lock in locks:
+        await lock.release()
+
+
+async def test_the_heartbeat_never_takes_back_a_job_another_worker_reclaimed(
+    redis: Any, settings: Settings
+) -> None:
+    keys = Keys(settings.namespace)
+    await submit(redis, settings, A, "hello", "m1")
+    first = JobQueue(redis, keys, consumer="first")
+    second = JobQueue(redis, keys, consumer="second")
+    await first.ensure_group()
+    [job] = await first.read_jobs(10, None)
+    [taken] = await second.claim_stale_jobs(0, 10)
+    assert taken.entry_id == job.entry_id
+    await first.touch([job.entry_id])  # the first worker's heartbeat, unaware
+    [pending] = await redis.xpending_range(keys.jobs, WORKER_GROUP, min="-", max="+", count=10)
+    assert pending["consumer"] == "second"
+
+
+async def test_a_reply_that_keeps_failing_to_post_ends_in_the_dead_letters(
+    redis: Any, settings: Settings
+) -> None:
+    keys = Keys(settings.namespace)
+    attempts = 0
+
+    async def post(reply: Reply, parts: PostedParts) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise ValueError("the platform rejected something unexpected")
+
+    consumer = OutboxConsumer(redis, keys, "test", post, reclaim_idle_s=0, retry_delay_s=0)
+    await consumer.ensure_group()
+    reply = Reply(f"{A.id}:1", A, "an answer", "m1", 1)
+    await Outbox(redis, keys).publish(reply)
+    for _ in range(MAX_POST_ATTEMPTS + 2):
+        await consumer.step(block_ms=10)
+    assert attempts == MAX_POST_ATTEMPTS
+    [(_, dead)] = await redis.xrange(keys.dead_letter)
+    assert dead["source"] == keys.outbox("test") and "rejected" in dead["reason"]
+    groups = await redis.xinfo_groups(keys.outbox("test"))
+    assert groups[0]["pending"] == 0
