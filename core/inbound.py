@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import TypeVar
 
 from core.conversation import ConversationKey, Message, Role
 from core.jobs import JobQueue
@@ -19,6 +21,8 @@ from core.text import EMPTY_MESSAGE_REPLY, clean_user_text
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class Outcome(StrEnum):
     QUEUED = "queued"  # stored and waiting for the worker
@@ -26,6 +30,17 @@ class Outcome(StrEnum):
     REJECTED = "rejected"  # nothing usable in it: answer `reply_text` directly
     HANDED_OFF = "handed_off"  # stored; a person has the conversation, the bot stays quiet
     NOT_ALLOWED = "not_allowed"  # a channel this workspace does not let the bot answer in
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How long inbound Redis calls are retried: until `stop` or `give_up_at`."""
+
+    stop: asyncio.Event | None
+    give_up_at: float | None
+
+    async def __call__(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        return await with_retry(what, call, stop=self.stop, give_up_at=self.give_up_at)
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,7 @@ async def submit_user_message(
     dedupe_id: str | None = None,
     timestamp: float | None = None,
     stop: asyncio.Event | None = None,
+    give_up_after_s: float | None = None,
     direct: bool = False,
 ) -> Submission:
     """Persist the message in its conversation and enqueue a job for it, exactly once.
@@ -57,9 +73,12 @@ async def submit_user_message(
     message stored but not yet enqueued is enqueued by the retry. `direct` marks a direct
     message, which workspace channel restrictions do not apply to. While a person has the
     conversation, the message is stored (an agent's with the `human_agent` role) and not
-    enqueued.
+    enqueued. Redis calls are retried until `stop` is set or `give_up_after_s` has
+    passed (then the Redis error is raised: the platform must deliver the message again).
     """
-    config, handoff = await _conversation_settings(store, conversation, stop)
+    give_up_at = None if give_up_after_s is None else time.monotonic() + give_up_after_s
+    retry = Retry(stop, give_up_at)
+    config, handoff = await _conversation_settings(store, conversation, retry)
     if not config.allows(conversation.channel, direct=direct):
         log.debug("%s: channel not enabled for the bot in this workspace", conversation.id)
         return Submission(Outcome.NOT_ALLOWED)
@@ -84,24 +103,21 @@ async def submit_user_message(
         timestamp=time.time() if timestamp is None else timestamp,
     )
     submission = await _store_and_enqueue(
-        store, queue, conversation, message, dedupe_id or message_id, handoff is not None, stop
+        store, queue, conversation, message, dedupe_id or message_id, handoff is not None, retry
     )
     return replace(submission, truncated=clean.truncated)
 
 
 async def _conversation_settings(
-    store: ConversationStore, conversation: ConversationKey, stop: asyncio.Event | None
+    store: ConversationStore, conversation: ConversationKey, retry: Retry
 ) -> tuple[WorkspaceConfig, Handoff | None]:
     workspaces = Workspaces(store.redis, store.keys, store.settings)
-    config = await with_retry(
+    config = await retry(
         "reading workspace settings",
         lambda: workspaces.config(conversation.platform, conversation.workspace),
-        stop=stop,
     )
     handoffs = Handoffs(store.redis, store.keys, store.ttl_s)
-    handoff = await with_retry(
-        "reading the handoff state", lambda: handoffs.get(conversation), stop=stop
-    )
+    handoff = await retry("reading the handoff state", lambda: handoffs.get(conversation))
     return config, handoff
 
 
@@ -112,27 +128,24 @@ async def _store_and_enqueue(
     message: Message,
     dedupe: str,
     handed_off: bool,
-    stop: asyncio.Event | None,
+    retry: Retry,
 ) -> Submission:
     """Store (once per `dedupe` id), index, then enqueue a job unless a person has it."""
-    added = await with_retry(
-        "storing a message", lambda: store.add_message(conversation, message, dedupe), stop=stop
+    added = await retry(
+        "storing a message", lambda: store.add_message(conversation, message, dedupe)
     )
     if not added.is_new and added.settled:
         return Submission(Outcome.DUPLICATE, seq=added.seq)
     user_data = UserData(store.redis, store.keys, store.ttl_s)
-    await with_retry(
+    await retry(
         "indexing the user's conversations",
         lambda: user_data.note_participation(
             conversation.platform, message.author_id, conversation.id
         ),
-        stop=stop,
     )
     if not handed_off:  # while a person has the conversation, nothing is enqueued
-        await with_retry(
-            "enqueueing a job",
-            lambda: queue.enqueue(conversation, added.seq, message.message_id),
-            stop=stop,
+        await retry(
+            "enqueueing a job", lambda: queue.enqueue(conversation, added.seq, message.message_id)
         )
-    await with_retry("marking a message settled", lambda: store.mark_settled(conversation, dedupe))
+    await retry("marking a message settled", lambda: store.mark_settled(conversation, dedupe))
     return Submission(Outcome.HANDED_OFF if handed_off else Outcome.QUEUED, seq=added.seq)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -79,11 +80,13 @@ async def with_retry(
     call: Callable[[], Awaitable[T]],
     *,
     stop: asyncio.Event | None = None,
+    give_up_at: float | None = None,
     max_wait_s: float = 10.0,
 ) -> T:
     """Run `call` until Redis answers, backing off exponentially, logging each failure.
 
-    Gives up only when `stop` is set (shutdown); then the last error is raised.
+    Gives up when `stop` is set (shutdown) or when the next attempt would come after
+    `give_up_at` (a `time.monotonic()` value); then the last error is raised.
     """
     backoff = Backoff(what, max_wait_s)
     while True:
@@ -91,6 +94,10 @@ async def with_retry(
             result = await call()
         except TRANSIENT_ERRORS as exc:
             if stop is not None and stop.is_set():
+                raise
+            next_try = time.monotonic() + backoff_s(backoff.failures + 1, max_wait_s)
+            if give_up_at is not None and next_try > give_up_at:
+                log.warning("Redis unreachable while %s (%s); giving up", what, exc)
                 raise
             await backoff.failed(exc)
             continue

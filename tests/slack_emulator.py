@@ -849,3 +849,35 @@ async def _read_params(request: web.Request) -> JsonDict:
         form = await request.post()
         params.update({k: v if isinstance(v, str) else "(file)" for k, v in form.items()})
     return params
+
+
+async def deliver_like_slack(
+    url: str,
+    signing_secret: str,
+    payload: JsonDict,
+    *,
+    retry_delays_s: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0),
+) -> list[int]:
+    """Deliver an Events API payload as Slack does: a non-2xx answer (or no answer) is
+    retried, with X-Slack-Retry-Num and X-Slack-Retry-Reason, after each delay in turn
+    (Slack waits 0 s, 1 min and 5 min; tests compress that). Returns each status seen
+    (0: no answer)."""
+    statuses: list[int] = []
+    for attempt in range(len(retry_delays_s) + 1):
+        if attempt:
+            await asyncio.sleep(retry_delays_s[attempt - 1])
+        reason = "http_error" if statuses and statuses[-1] else "http_timeout"
+        try:
+            status, _ = await post_event(
+                url,
+                signing_secret,
+                payload,
+                retry_num=attempt or None,
+                retry_reason=reason,
+            )
+        except (aiohttp.ClientError, TimeoutError):
+            status = 0
+        statuses.append(status)
+        if 200 <= status < 300:
+            break
+    return statuses

@@ -3,9 +3,13 @@
 - A mention in a channel starts a conversation in a thread under that message; in a thread
   the bot has joined it answers follow-ups without a new mention; DMs are answered.
 - Slack team + channel + thread root is the conversation (a top-level DM: the DM itself).
-- Events are acknowledged at once (bolt acks before listeners run); generation happens in
-  the workers. Retries and the double delivery of a mention (`app_mention` and `message`)
-  are deduplicated in Redis by the message `ts`, so replicas post one reply.
+- Durable inbound: an event is acknowledged only once its message is in Redis (bolt's
+  `process_before_response`); while Redis is unreachable the event is answered 500 (or not
+  acknowledged over Socket Mode), so Slack delivers it again. Slack's retries and the
+  double delivery of a mention (`app_mention` and `message`) are deduplicated in Redis by
+  the message `ts`, so replicas post one reply. A malformed event is logged and
+  acknowledged (redelivering it would not help). Commands and buttons are acknowledged at
+  once and handled in the background. Generation happens in the workers.
 - Replies, and all else the bot posts, go out through `bot.slack.posting`.
 """
 
@@ -15,6 +19,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import ClientError, web
@@ -24,12 +30,13 @@ from slack_sdk.errors import SlackApiError
 
 from bot.outbox import OutboxConsumer
 from bot.slack.posting import SlackPoster, web_client
+from bot.slack.requests import reject_malformed
 from core.conversation import ConversationKey
 from core.errors import SettingsError
 from core.inbound import Outcome, submit_user_message
 from core.jobs import JobQueue, Outbox
 from core.keys import DISPLAY_NAME_TTL_S, Keys
-from core.redis_conn import Redis
+from core.redis_conn import TRANSIENT_ERRORS, Redis, with_retry
 from core.settings import Settings
 from core.store import ConversationStore
 from core.support.feedback import Feedback
@@ -49,6 +56,11 @@ HANDOFF_REQUEST_TEXT = "talk to a person"
 FEEDBACK_THANKS = "Thanks for the feedback! It helps us improve the answers."
 FEEDBACK_EXPIRED = "Sorry, that answer is too old to rate now."
 RELEASE_NOT_ACTIVE = "This conversation is already back with the bot."
+RESET_FAILED = "Sorry, I couldn't reset our conversation just now. Please try again in a minute."
+# Slack wants an answer within 3 s; past this, Redis errors fail the request (500) so that
+# Slack delivers the event again, instead of acknowledging a message that was not stored.
+INBOUND_PATIENCE_S = 1.5
+NAME_LOOKUP_TIMEOUT_S = 1.0
 
 
 class SlackAdapter:
@@ -72,7 +84,9 @@ class SlackAdapter:
             signing_secret=settings.slack_signing_secret or "",
             # Without this, bolt answers unhandled events with 404 and Slack retries them.
             raise_error_for_unhandled_request=False,
+            process_before_response=True,
         )
+        self._tasks: set[asyncio.Task[None]] = set()
         self.app.event("app_mention")(self._on_mention)
         self.app.event("message")(self._on_message)
         self.app.command("/ask")(self._on_ask)
@@ -98,7 +112,7 @@ class SlackAdapter:
     # -- inbound ------------------------------------------------------------------------
 
     async def _on_mention(self, event: dict[str, Any], context: AsyncBoltContext) -> None:
-        if not _from_a_person(event, context):
+        if not _from_a_person(event, context) or not _well_formed(event):
             return
         root = event.get("thread_ts") or event["ts"]
         conversation = self._conversation(event, context, root)
@@ -108,6 +122,8 @@ class SlackAdapter:
     async def _on_message(self, event: dict[str, Any], context: AsyncBoltContext) -> None:
         # Edits, deletions, joins, bot posts and the like arrive as subtypes: never answered.
         if event.get("subtype") or not _from_a_person(event, context):
+            return
+        if not _well_formed(event):
             return
         if event.get("channel_type") == "im":
             conversation = self._conversation(event, context, event.get("thread_ts", ""))
@@ -127,8 +143,14 @@ class SlackAdapter:
         return ConversationKey(PLATFORM, team, event["channel"], thread)
 
     async def _submit(
-        self, conversation: ConversationKey, event: dict[str, Any], context: AsyncBoltContext
+        self,
+        conversation: ConversationKey,
+        event: dict[str, Any],
+        context: AsyncBoltContext,
+        give_up_after_s: float | None = INBOUND_PATIENCE_S,
     ) -> None:
+        """Store and enqueue a user's message. Redis errors after `give_up_after_s` are
+        raised: for an event, bolt answers 500 and Slack delivers it again."""
         user = event["user"]
         text = _MENTION.sub(
             lambda m: "" if m.group(1) == context.bot_user_id else m.group(0),
@@ -144,12 +166,25 @@ class SlackAdapter:
             message_id=event["ts"],
             dedupe_id=f"ts:{event['ts']}",
             max_chars=self.settings.max_message_chars,
+            give_up_after_s=give_up_after_s,
             direct=event.get("channel_type") == "im",
         )
+        # Stored: the rest must not hold up the acknowledgement.
         if submission.outcome is Outcome.REJECTED:
-            await self.poster.say(conversation, submission.reply_text)
+            self._later(self.poster.say(conversation, submission.reply_text))
         elif submission.outcome is Outcome.QUEUED:
-            await self.poster.show_working(conversation)
+            self._later(self.poster.show_working(conversation))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` after the acknowledgement; failures are logged."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("Slack background work failed", exc_info=task.exception())
 
     async def _display_name(self, team: str, user: str) -> str:
         key = self.keys.display_name(PLATFORM, team, user)
@@ -158,7 +193,10 @@ class SlackAdapter:
             return str(cached)
         name = user
         try:
-            response = await self.client.users_info(user=user)
+            # Bounded: the event is acknowledged only after this.
+            response = await asyncio.wait_for(
+                self.client.users_info(user=user), NAME_LOOKUP_TIMEOUT_S
+            )
             profile = response["user"].get("profile", {})
             name = (
                 profile.get("display_name")
@@ -166,8 +204,8 @@ class SlackAdapter:
                 or response["user"].get("name")
                 or user
             )
-        except (SlackApiError, ClientError, KeyError) as exc:
-            log.warning("could not look up Slack user %s: %s", user, exc)
+        except (SlackApiError, ClientError, KeyError, TimeoutError) as exc:
+            log.warning("could not look up Slack user %s: %r", user, exc)
         await self.redis.set(key, name, ex=DISPLAY_NAME_TTL_S)
         return str(name)
 
@@ -181,6 +219,11 @@ class SlackAdapter:
             await ack(ASK_USAGE)
             return
         await ack()
+        self._later(self._ask(respond, command, context, question))
+
+    async def _ask(
+        self, respond: Any, command: dict[str, Any], context: AsyncBoltContext, question: str
+    ) -> None:
         channel, user = command["channel_id"], command["user_id"]
         try:
             root = await self.client.chat_postMessage(
@@ -194,17 +237,29 @@ class SlackAdapter:
         conversation = ConversationKey(PLATFORM, team, channel, str(root["ts"]))
         await self.redis.set(self.keys.joined(conversation), "1", ex=self.settings.history_ttl_s)
         event = {"user": user, "text": question, "ts": str(root["ts"])}
-        await self._submit(conversation, event, context)
+        await self._submit(conversation, event, context, give_up_after_s=None)
 
     async def _on_reset(self, ack: Any, command: dict[str, Any], context: AsyncBoltContext) -> None:
         team = context.team_id or command.get("team_id") or "unknown-team"
-        await self.store.reset(ConversationKey(PLATFORM, team, command["channel_id"], ""))
+        conversation = ConversationKey(PLATFORM, team, command["channel_id"], "")
+        try:
+            await with_retry(
+                "resetting a conversation",
+                lambda: self.store.reset(conversation),
+                give_up_at=time.monotonic() + INBOUND_PATIENCE_S,
+            )
+        except TRANSIENT_ERRORS:
+            await ack(RESET_FAILED)
+            return
         await ack(RESET_DONE)
 
     # -- buttons ------------------------------------------------------------------------
 
     async def _on_feedback(self, ack: Any, body: dict[str, Any]) -> None:
         await ack()
+        self._later(self._feedback(body))
+
+    async def _feedback(self, body: dict[str, Any]) -> None:
         action = body["actions"][0]
         user, channel = body["user"]["id"], body["channel"]["id"]
         recorded = await self.feedback.rate(
@@ -220,6 +275,9 @@ class SlackAdapter:
         """The "Talk to a person" button: as if the customer had asked in words, so the
         request takes the same path (and the same history) as a typed one."""
         await ack()
+        self._later(self._handoff_request(body, context))
+
+    async def _handoff_request(self, body: dict[str, Any], context: AsyncBoltContext) -> None:
         conversation = ConversationKey.from_id(body["actions"][0]["value"])
         event = {
             "user": body["user"]["id"],
@@ -227,10 +285,13 @@ class SlackAdapter:
             "ts": str(body["actions"][0].get("action_ts") or body["trigger_id"]),
             "channel_type": "im" if conversation.channel.startswith("D") else "",
         }
-        await self._submit(conversation, event, context)
+        await self._submit(conversation, event, context, give_up_after_s=None)
 
     async def _on_handoff_release(self, ack: Any, body: dict[str, Any]) -> None:
         await ack()
+        self._later(self._handoff_release(body))
+
+    async def _handoff_release(self, body: dict[str, Any]) -> None:
         conversation = ConversationKey.from_id(body["actions"][0]["value"])
         user = body["user"]["id"]
         released = await release_and_announce(self.handoffs, self.outbox_writer, conversation, user)
@@ -276,9 +337,12 @@ class SlackAdapter:
         finally:
             self.outbox.stop()
             await outbox
+            # Background work already acknowledged to Slack: let it finish.
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _serve_http(self, stop: asyncio.Event, port: int, who: str) -> None:
         app = self.app.web_app(path="/slack/events", port=port)
+        app.middlewares.append(reject_malformed)
         app.router.add_get("/healthz", _healthz)
         runner = web.AppRunner(app)
         await runner.setup()
@@ -306,6 +370,17 @@ class SlackAdapter:
 def _from_a_person(event: dict[str, Any], context: AsyncBoltContext) -> bool:
     user = event.get("user")
     return bool(user) and not event.get("bot_id") and user != context.bot_user_id
+
+
+def _well_formed(event: dict[str, Any]) -> bool:
+    """The fields a message event must have, of the right types (else logged: Slack would
+    redeliver a failed one three times to no use)."""
+    fields = {"user": str, "ts": str, "channel": str}
+    wrong = [n for n, kind in fields.items() if not isinstance(event.get(n), kind) or not event[n]]
+    if isinstance(event.get("text", ""), str) and not wrong:
+        return True
+    log.warning("malformed Slack message event (%s): ignored", ", ".join(wrong) or "text")
+    return False
 
 
 async def _ignore() -> None:
