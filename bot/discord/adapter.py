@@ -34,7 +34,7 @@ from core.errors import SettingsError
 from core.inbound import Outcome, Submission, submit_user_message
 from core.jobs import JobQueue, Outbox
 from core.keys import Keys
-from core.redis_conn import Redis
+from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis
 from core.settings import Settings
 from core.store import ConversationStore
 from core.support.feedback import Feedback
@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 
 TYPING_TIMEOUT_S = 180.0
 CHAIN_WAIT_TRIES = 30  # x 0.1 s
+# While Redis is unreachable, messages wait in memory: at most this many, this long each.
+SPOOL_LIMIT = 500
+SPOOL_PATIENCE_S = 300.0
+TRY_AGAIN_LATER = (
+    "Sorry, I'm having trouble on my side and couldn't take your message. "
+    "Please send it again in a few minutes."
+)
 # View Channels, Send Messages, Send Messages in Threads, Read Message History.
 INVITE_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 38) | (1 << 16)
 INTENT_HELP = (
@@ -109,13 +116,62 @@ class DiscordAdapter:
             reclaim_idle_s=settings.reclaim_idle_s,
         )
         self._typing: set[asyncio.Task[None]] = set()
+        self._spooled = 0  # messages waiting for Redis
 
     # -- inbound ------------------------------------------------------------------------
 
     async def on_message(self, message: discord.Message) -> None:
+        """Discord never delivers a message twice, so one that arrives while Redis is away
+        waits here (a bounded spool: `SPOOL_LIMIT` messages, `SPOOL_PATIENCE_S` each) and
+        is stored when Redis is back; dedupe makes the retries safe."""
         me = self.client.user
         if me is None or message.author.bot:
             return
+        if self._spooled >= SPOOL_LIMIT:
+            log.error(
+                "Redis unreachable and %d Discord messages waiting: message %s in %s not "
+                "stored; its author was asked to send it again",
+                self._spooled,
+                message.id,
+                message.channel.id,
+            )
+            await self._reply_quietly(message, TRY_AGAIN_LATER)
+            return
+        self._spooled += 1
+        try:
+            await self._store_when_possible(message, me)
+        finally:
+            self._spooled -= 1
+
+    async def _store_when_possible(self, message: discord.Message, me: discord.ClientUser) -> None:
+        give_up_at = time.monotonic() + SPOOL_PATIENCE_S
+        backoff = Backoff(f"storing Discord message {message.id}")
+        while True:
+            try:
+                await self._on_message(message, me, give_up_at)
+                backoff.succeeded()
+                return
+            except TRANSIENT_ERRORS as exc:
+                if time.monotonic() > give_up_at:
+                    log.error(
+                        "Discord message %s in %s not stored: Redis unreachable for %.0f s "
+                        "(%s); its author was asked to send it again",
+                        message.id,
+                        message.channel.id,
+                        SPOOL_PATIENCE_S,
+                        exc,
+                    )
+                    await self._reply_quietly(message, TRY_AGAIN_LATER)
+                    return
+                await backoff.failed(exc)
+
+    async def _reply_quietly(self, message: discord.Message, text: str) -> None:
+        with contextlib.suppress(discord.HTTPException):
+            await message.reply(text, allowed_mentions=REPLY_MENTIONS)
+
+    async def _on_message(
+        self, message: discord.Message, me: discord.ClientUser, give_up_at: float
+    ) -> None:
         conversation = await self._conversation_for(message, me)
         if conversation is None:
             return
@@ -127,6 +183,7 @@ class DiscordAdapter:
             text,
             str(message.id),
             direct=message.guild is None,
+            give_up_after_s=max(give_up_at - time.monotonic(), 0.0),
         )
         if submission.outcome is Outcome.REJECTED:
             await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
@@ -141,6 +198,7 @@ class DiscordAdapter:
         *,
         direct: bool,
         dedupe_id: str | None = None,
+        give_up_after_s: float | None = None,
     ) -> Submission:
         """Store and enqueue a user's message; show typing until it is answered.
 
@@ -155,6 +213,7 @@ class DiscordAdapter:
             message_id=message_id,
             max_chars=self.settings.max_message_chars,
             dedupe_id=dedupe_id,
+            give_up_after_s=give_up_after_s,
             direct=direct,
         )
         if submission.outcome is Outcome.QUEUED:
