@@ -203,6 +203,7 @@ async def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     print(f"declined:   {data['declined']} (no relevant passage; a person was offered)")
     print(f"escalated:  {data['escalated']} ({_percent(data['escalated_rate'])})")
     print(f"helpful:    {data['helpful']} of {rated} rated ({_percent(data['helpful_rate'])})")
+    print(f"rate-limited messages: {data['rate_limited']} (not queued; CHATBOT_USER_RATE)")
     return 0
 
 

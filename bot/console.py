@@ -16,6 +16,7 @@ import uuid
 from functools import partial
 from typing import Any, TextIO
 
+from core.admission import RATE_LIMITED_TEXT
 from core.conversation import ConversationKey, Reply
 from core.inbound import Outcome, submit_user_message
 from core.jobs import JobQueue
@@ -110,7 +111,9 @@ class ConsoleChat:
             max_chars=self.settings.max_message_chars,
             stop=stop,
         )
-        if submission.outcome is Outcome.REJECTED:
+        if submission.outcome is Outcome.RATE_LIMITED:
+            return RATE_LIMITED_TEXT
+        if submission.reply_text:  # rejected or busy: say so at once
             return submission.reply_text
         if submission.outcome is Outcome.DUPLICATE:
             return None

@@ -18,8 +18,8 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from core.conversation import Reply
-from core.jobs import consumer_name
-from core.keys import DEAD_LETTER_MAXLEN, POSTED_TTL_S, Keys, adapter_group
+from core.jobs import consumer_name, trim_acknowledged
+from core.keys import DEAD_LETTER_MAXLEN, POSTED_TTL_S, TRIM_EVERY_S, Keys, adapter_group
 from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,15 @@ class OutboxConsumer:
 
     async def run(self) -> None:
         backoff = Backoff(f"posting from the {self.platform} outbox")
+        last_trim = 0.0
         while not self.stopping.is_set():
             try:
                 await self.ensure_group()
                 await self.step()
                 backoff.succeeded()
+                if time.monotonic() - last_trim >= TRIM_EVERY_S:
+                    last_trim = time.monotonic()
+                    await trim_acknowledged(self.redis, self.stream)
             except TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
 

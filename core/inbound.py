@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TypeVar
 
+from core.admission import BUSY_TEXT, RATE_LIMITED_TEXT, RateLimiter
 from core.conversation import ConversationKey, Message, Role
 from core.jobs import JobQueue
 from core.redis_conn import with_retry
@@ -30,6 +31,8 @@ class Outcome(StrEnum):
     REJECTED = "rejected"  # nothing usable in it: answer `reply_text` directly
     HANDED_OFF = "handed_off"  # stored; a person has the conversation, the bot stays quiet
     NOT_ALLOWED = "not_allowed"  # a channel this workspace does not let the bot answer in
+    RATE_LIMITED = "rate_limited"  # past CHATBOT_USER_RATE: `reply_text` says so (or "")
+    BUSY = "busy"  # the job queue is full: answer `reply_text` directly, nothing stored
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Retry:
 class Submission:
     outcome: Outcome
     seq: int = 0
-    reply_text: str = ""
+    reply_text: str = ""  # when set, the adapter posts it at once, as the bot's answer
     truncated: bool = False
 
 
@@ -94,6 +97,10 @@ async def submit_user_message(
             max_chars,
         )
     agent = handoff is not None and author_id != handoff.customer_id
+    if handoff is None:
+        refused = await _admission(store, queue, conversation, author_id, retry)
+        if refused is not None:
+            return refused
     message = Message(
         role=Role.HUMAN_AGENT if agent else Role.USER,
         text=clean.text,
@@ -106,6 +113,35 @@ async def submit_user_message(
         store, queue, conversation, message, dedupe_id or message_id, handoff is not None, retry
     )
     return replace(submission, truncated=clean.truncated)
+
+
+async def _admission(
+    store: ConversationStore,
+    queue: JobQueue,
+    conversation: ConversationKey,
+    author_id: str,
+    retry: Retry,
+) -> Submission | None:
+    """None when the message may be queued; else what to answer instead."""
+    settings, platform = store.settings, conversation.platform
+    if await retry("measuring the queue", queue.waiting) >= settings.max_queued_jobs:
+        log.warning(
+            "job queue holds %d jobs or more (CHATBOT_MAX_QUEUED_JOBS): a message was refused",
+            settings.max_queued_jobs,
+        )
+        return Submission(Outcome.BUSY, reply_text=BUSY_TEXT)
+    limiter = RateLimiter(store.redis, store.keys, *settings.user_rate)
+    decision = await retry("checking the user's rate", lambda: limiter.check(platform, author_id))
+    if decision.allowed:
+        return None
+    log.info("%s user %s is past CHATBOT_USER_RATE: message not queued", platform, author_id)
+    await retry(
+        "counting a rate-limited message",
+        lambda: store.redis.hincrby(
+            store.keys.stats(platform, conversation.workspace), "rate_limited", 1
+        ),
+    )
+    return Submission(Outcome.RATE_LIMITED, reply_text=RATE_LIMITED_TEXT if decision.notify else "")
 
 
 async def _conversation_settings(

@@ -15,7 +15,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from core.conversation import ConversationKey, Reply
-from core.keys import DEAD_LETTER_MAXLEN, JOBS_MAXLEN, OUTBOX_MAXLEN, WORKER_GROUP, Keys
+from core.keys import DEAD_LETTER_MAXLEN, WORKER_GROUP, Keys
 from core.redis_conn import Redis
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class JobQueue:
             "message_id": message_id,
             "enqueued_at": f"{time.time():.3f}",
         }
-        return await self._xadd(self.keys.jobs, fields, JOBS_MAXLEN)
+        return await _xadd(self.redis, self.keys.jobs, fields, None)
 
     async def read_new(self, count: int, block_ms: int | None) -> list[Entry]:
         """Up to `count` new jobs, waiting up to `block_ms` (None: do not wait)."""
@@ -165,11 +165,12 @@ class JobQueue:
             "reason": reason,
             "failed_at": f"{time.time():.3f}",
         }
-        await self._xadd(self.keys.dead_letter, record, DEAD_LETTER_MAXLEN)
+        await _xadd(self.redis, self.keys.dead_letter, record, DEAD_LETTER_MAXLEN)
         await self.ack([entry_id])
 
-    async def _xadd(self, stream: str, fields: dict[str, str], maxlen: int) -> str:
-        return await _xadd(self.redis, stream, fields, maxlen)
+    async def waiting(self) -> int:
+        """Entries in the job stream: with `trim_acknowledged`, about the work not done."""
+        return int(await self.redis.xlen(self.keys.jobs))
 
 
 class Outbox:
@@ -181,10 +182,36 @@ class Outbox:
 
     async def publish(self, reply: Reply) -> str:
         stream = self.keys.outbox(reply.conversation.platform)
-        return await _xadd(self.redis, stream, reply.to_fields(), OUTBOX_MAXLEN)
+        return await _xadd(self.redis, stream, reply.to_fields(), None)
 
 
-async def _xadd(redis: Redis, stream: str, fields: dict[str, str], maxlen: int) -> str:
+async def _xadd(redis: Redis, stream: str, fields: dict[str, str], maxlen: int | None) -> str:
     values: dict[Any, Any] = dict(fields)
     entry_id = await redis.xadd(stream, values, maxlen=maxlen, approximate=True)
     return str(entry_id)
+
+
+def _parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = str(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def trim_acknowledged(redis: Redis, stream: str) -> int:
+    """Drop the entries every consumer group of `stream` has read and acknowledged; keep
+    everything when no group reads it yet. Returns how many were dropped."""
+    try:
+        groups: Any = await redis.xinfo_groups(stream)
+    except ResponseError:  # no such stream yet
+        return 0
+    needed: list[tuple[int, int]] = []
+    for group in groups:
+        summary: Any = await redis.xpending(stream, group["name"])
+        if summary["pending"]:
+            needed.append(_parse_id(summary["min"]))  # oldest still being worked on
+        else:
+            ms, seq = _parse_id(group["last-delivered-id"])
+            needed.append((ms, seq + 1))  # all read so far is done
+    if not needed:
+        return 0
+    ms, seq = min(needed)
+    return int(await redis.xtrim(stream, minid=f"{ms}-{seq}", approximate=False))

@@ -22,9 +22,11 @@ def adapter_group(platform: str) -> str:
     return f"{platform}-adapters"
 
 
-JOBS_MAXLEN = 100_000
-OUTBOX_MAXLEN = 10_000
+# Jobs and outboxes are never trimmed by length (that would drop work nobody has done):
+# they are trimmed below what every reader has acknowledged (`trim_acknowledged`). Dead
+# letters are a record for operators, kept to this many.
 DEAD_LETTER_MAXLEN = 10_000
+TRIM_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,14 @@ class Keys:
     def user_conversations(self, platform: str, user_id: str) -> str:
         """Set of the conversation ids a user wrote in (for "forget me"), expiring."""
         return f"{self.namespace}:users:{platform}:{user_id}:conversations"
+
+    def rate(self, platform: str, user_id: str) -> str:
+        """A user's rate-limit state (GCRA theoretical arrival time, ms), expiring."""
+        return f"{self.namespace}:rate:{{{platform}:{user_id}}}:tat"
+
+    def rate_notice(self, platform: str, user_id: str) -> str:
+        """Present while a rate-limited user has been told so in this window."""
+        return f"{self.namespace}:rate:{{{platform}:{user_id}}}:noticed"
 
     def display_name_pattern(self, platform: str, user_id: str) -> str:
         return f"{glob_escape(self.namespace)}:names:{platform}:*:{glob_escape(user_id)}"

@@ -107,6 +107,17 @@ def _unit_float(name: str, raw: str) -> float:
     return value
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|min|minute|h|hour)\s*$", re.IGNORECASE)
+_PERIOD_S = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def _rate(name: str, raw: str) -> tuple[int, float]:
+    match = _RATE.match(raw)
+    if not match or int(match.group(1)) < 1:
+        raise SettingsError(f"{name} must look like 20/min (also /s, /h), not {raw!r}")
+    return int(match.group(1)), float(_PERIOD_S[match.group(2).lower()])
+
+
 def _text(name: str, raw: str) -> str:
     return raw
 
@@ -139,6 +150,10 @@ class Settings:
     reclaim_idle_s: float = _env("CHATBOT_RECLAIM_IDLE_S", _positive_float, default=30.0)
     lock_ttl_s: float = _env("CHATBOT_LOCK_TTL_S", _positive_float, default=20.0)
     reply_timeout_s: float = _env("CHATBOT_REPLY_TIMEOUT_S", _positive_float, default=300.0)
+    # Messages one user may send (count, per seconds); past it they are told, not queued.
+    user_rate: tuple[int, float] = _env("CHATBOT_USER_RATE", _rate, default=(20, 60.0))
+    # Back-pressure: past this many jobs waiting, new messages get "we're very busy".
+    max_queued_jobs: int = _env("CHATBOT_MAX_QUEUED_JOBS", _positive_int, default=10_000)
     namespace: str = _env("CHATBOT_NAMESPACE", _namespace, default="chatbot")
     data_dir: Path = _env("CHATBOT_DATA_DIR", lambda n, r: Path(r), default=Path(".chatbot"))
     cache_dir: Path = _env(

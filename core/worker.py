@@ -34,7 +34,7 @@ from core.conversation import ConversationKey, Message, ReplyId, Role
 from core.delivery import Delivery, reply_to
 from core.generation.engine import Engine, Generation, GenerationRequest
 from core.generation.prompt import build_prompt
-from core.jobs import Job, JobQueue, Outbox, consumer_name
+from core.jobs import Job, JobQueue, Outbox, consumer_name, trim_acknowledged
 from core.keys import Keys
 from core.knowledge.retrieval import Retriever
 from core.policy import (
@@ -423,5 +423,6 @@ class Worker:
                     await lock.renew()
                 await self.queue.touch(entry_ids)
                 await self._announce()
+                await trim_acknowledged(self.queue.redis, self.queue.keys.jobs)
             except TRANSIENT_ERRORS as exc:
                 log.warning("heartbeat could not reach Redis: %s", exc)

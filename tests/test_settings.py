@@ -59,6 +59,8 @@ def test_other_variables_are_ignored() -> None:
         ("DISCORD_GATEWAY_URL", "http://x", "ws://"),
         ("CHATBOT_NAMESPACE", "a b", "letters, digits"),
         ("CHATBOT_PERSONA", "   ", "empty"),
+        ("CHATBOT_USER_RATE", "lots", "must look like 20/min"),
+        ("CHATBOT_USER_RATE", "0/min", "must look like 20/min"),
     ],
 )
 def test_wrong_values_are_clear_errors(name: str, value: str, message: str) -> None:
@@ -101,3 +103,11 @@ def test_dotenv_garbage_line_names_the_line(tmp_path: Path) -> None:
     dotenv.write_text("CHATBOT_DEVICE=cpu\nthis is not a setting\n")
     with pytest.raises(SettingsError, match=r"\.env:2"):
         read_dotenv(dotenv)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("20/min", (20, 60.0)), ("5 / s", (5, 1.0)), ("100/hour", (100, 3600.0))],
+)
+def test_user_rate_is_a_count_per_period(value: str, expected: tuple[int, float]) -> None:
+    assert Settings.from_mapping({"CHATBOT_USER_RATE": value}).user_rate == expected

@@ -185,7 +185,7 @@ class DiscordAdapter:
             direct=message.guild is None,
             give_up_after_s=max(give_up_at - time.monotonic(), 0.0),
         )
-        if submission.outcome is Outcome.REJECTED:
+        if submission.reply_text:  # rejected, rate-limited or busy: say so at once
             await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
 
     async def submit(

@@ -17,7 +17,7 @@ from discord import app_commands
 
 from bot.discord.posting import FEEDBACK_EMOJI, PLATFORM
 from core.conversation import ConversationKey
-from core.inbound import Outcome, Submission
+from core.inbound import Submission
 from core.jobs import Outbox
 from core.keys import Keys
 from core.redis_conn import Redis
@@ -108,7 +108,7 @@ class DiscordCommands:
             str(root.id),
             direct=guild == "dm",
         )
-        if submission.outcome is Outcome.REJECTED:
+        if submission.reply_text:  # rejected, rate-limited or busy: say so at once
             await interaction.followup.send(submission.reply_text)
 
     async def _on_reset(self, interaction: discord.Interaction) -> None:

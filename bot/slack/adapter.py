@@ -170,7 +170,7 @@ class SlackAdapter:
             direct=event.get("channel_type") == "im",
         )
         # Stored: the rest must not hold up the acknowledgement.
-        if submission.outcome is Outcome.REJECTED:
+        if submission.reply_text:  # rejected, rate-limited or busy: say so at once
             self._later(self.poster.say(conversation, submission.reply_text))
         elif submission.outcome is Outcome.QUEUED:
             self._later(self.poster.show_working(conversation))

@@ -19,7 +19,7 @@ from core.redis_conn import Redis
 
 # reply kind -> the counter it bumps
 KIND_COUNTERS = {"answer": "answered", "decline": "declined", "handoff": "escalated"}
-COUNTERS = ("answered", "declined", "escalated", "helpful", "unhelpful")
+COUNTERS = ("answered", "declined", "escalated", "helpful", "unhelpful", "rate_limited")
 
 # KEYS: feedback, stats.  ARGV: field, rating (1 or -1), ttl_s.
 # Returns the previous rating (0 if none).

@@ -91,7 +91,9 @@ class UserData:
             match=self.keys.display_name_pattern(platform, user_id)
         ):
             await self.redis.delete(key)
-        await self.redis.delete(index)
+        await self.redis.delete(
+            index, self.keys.rate(platform, user_id), self.keys.rate_notice(platform, user_id)
+        )
         await self._drop_stream_entries(platform, report.conversations_deleted)
         log.info("forgot user %s on %s: %s", user_id, platform, report.summary())
         return report
