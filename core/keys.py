@@ -75,6 +75,10 @@ class Keys:
         """Dedupe marker of a platform message or event id."""
         return self._conversation(conversation) + f":seen:{message_id}"
 
+    def forget_request(self, conversation: ConversationKey, user_id: str) -> str:
+        """Present while a user who asked to be forgotten is asked to confirm."""
+        return self._conversation(conversation) + f":forget-request:{user_id}"
+
     def joined(self, conversation: ConversationKey) -> str:
         """Present while the bot takes part in this thread (answers without a mention)."""
         return self._conversation(conversation) + ":joined"

@@ -5,7 +5,8 @@ The worker holds the conversation's lock, has its history and the newest user me
 waiting, and asks `AnswerPolicy.decide`. The answer is one plan:
 
 - `StayQuiet`: a person has the conversation (a handoff is active); record, say nothing;
-- `ForgetUser`: the customer asked to be forgotten; delete their data, then confirm;
+- `ConfirmForget`: the customer asked to be forgotten; ask them to confirm first;
+- `ForgetUser`: they confirmed; delete their data, then say so;
 - `StartHandoff`: the customer asked for a person; alert the support channel, tell them;
 - `PostText`: a fixed reply with no generation (nothing relevant in the knowledge base);
 - `Generate`: run the model on a system prompt, then `Generate.draft` turns its text
@@ -36,8 +37,14 @@ from core.knowledge.answers import (
 )
 from core.knowledge.retrieval import Hit, Retriever
 from core.settings import Settings
+from core.support.forget import (
+    FORGET_CONFIRM_TEXT,
+    FORGET_DONE,
+    ForgetRequests,
+    is_confirmation,
+    is_forget_request,
+)
 from core.support.handoff import HANDOFF_NO_CONTACT, HANDOFF_STARTED, Handoffs
-from core.support.privacy import FORGET_DONE
 from core.support.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
@@ -58,11 +65,6 @@ _HANDOFF = re.compile(
     r"|^\s*(?:/human|human|agent|operator|representative)\s*(?:please|pls)?[\s.!?]*$",
     re.IGNORECASE,
 )
-_FORGET = re.compile(
-    r"\b(?:forget|delete|erase|remove|wipe)\s+(?:me|about\s+me|all\s+about\s+me|"
-    r"(?:all\s+)?my\s+(?:data|messages|conversations?|history|information|info|details))\b",
-    re.IGNORECASE,
-)
 _SMALL_TALK = re.compile(
     r"^\s*(?:hi|hello|hey|hiya|yo|good\s+(?:morning|afternoon|evening)|thanks?|thank\s+you|"
     r"thx|ty|cheers|ok(?:ay)?|great|cool|perfect|awesome|bye|goodbye|see\s+you)"
@@ -81,7 +83,7 @@ _FRUSTRATED = re.compile(
 def detect_intent(text: str) -> Intent:
     if _HANDOFF.search(text):
         return Intent.HANDOFF
-    if _FORGET.search(text):
+    if is_forget_request(text):
         return Intent.FORGET
     if _SMALL_TALK.match(text):
         return Intent.SMALL_TALK
@@ -113,6 +115,14 @@ class StayQuiet:
 class ForgetUser:
     user_id: str
     notice: str = FORGET_DONE
+
+
+@dataclass(frozen=True)
+class ConfirmForget:
+    user_id: str
+    reply: Draft = field(
+        default_factory=lambda: Draft(FORGET_CONFIRM_TEXT, "confirm", {"actions": ["forget"]})
+    )
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,7 @@ class Generate:
         return Draft(text, meta=meta)
 
 
-Plan = StayQuiet | ForgetUser | StartHandoff | PostText | Generate
+Plan = StayQuiet | ConfirmForget | ForgetUser | StartHandoff | PostText | Generate
 
 
 class AnswerPolicy:
@@ -158,11 +168,13 @@ class AnswerPolicy:
         settings: Settings,
         workspaces: Workspaces,
         handoffs: Handoffs,
+        forget_requests: ForgetRequests,
         retriever: Retriever | None,
     ) -> None:
         self.settings = settings
         self.workspaces = workspaces
         self.handoffs = handoffs
+        self.forget_requests = forget_requests
         self.retriever = retriever
 
     async def decide(self, conversation: ConversationKey, history: Sequence[Message]) -> Plan:
@@ -170,6 +182,11 @@ class AnswerPolicy:
         if await self.handoffs.get(conversation) is not None:
             return StayQuiet()
         newest = next(m for m in reversed(history) if m.role is Role.USER)
+        # Asked to confirm forgetting? A "yes" does it; anything else keeps the data.
+        if await self.forget_requests.take(conversation, newest.author_id) and is_confirmation(
+            newest.text
+        ):
+            return ForgetUser(newest.author_id)
         config = await self.workspaces.config(conversation.platform, conversation.workspace)
         intent = detect_intent(newest.text)
         if intent is Intent.HANDOFF:
@@ -179,7 +196,7 @@ class AnswerPolicy:
                 "asked for a person", config.support_channel, config.support_mention, reply
             )
         if intent is Intent.FORGET:
-            return ForgetUser(newest.author_id)
+            return ConfirmForget(newest.author_id)
         frustrated = is_frustrated(newest.text)
         knowledge = bool(self.retriever and await self.retriever.passage_count(config.kb))
         chat = Generate(

@@ -39,6 +39,7 @@ from core.keys import Keys
 from core.knowledge.retrieval import Retriever
 from core.policy import (
     AnswerPolicy,
+    ConfirmForget,
     Draft,
     ForgetUser,
     Generate,
@@ -51,6 +52,7 @@ from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis, with_retry
 from core.settings import Settings
 from core.store import ConversationLock, ConversationStore
 from core.support.feedback import Feedback
+from core.support.forget import ForgetRequests
 from core.support.handoff import Handoffs, hand_over
 from core.support.privacy import UserData
 from core.support.workspaces import Workspaces
@@ -93,7 +95,10 @@ class Worker:
         self.user_data = UserData(redis, keys, settings.history_ttl_s)
         self.delivery = Delivery(self.store, self.queue, self.outbox, self.feedback)
         workspaces = Workspaces(redis, keys, settings)
-        self.policy = AnswerPolicy(settings, workspaces, self.handoffs, retriever)
+        self.forget_requests = ForgetRequests(redis, keys)
+        self.policy = AnswerPolicy(
+            settings, workspaces, self.handoffs, self.forget_requests, retriever
+        )
         self.stopping = asyncio.Event()
         self._deferred: dict[str, Job] = {}
         self._in_flight: dict[str, Prepared] = {}
@@ -286,8 +291,16 @@ class Worker:
         if isinstance(plan, StayQuiet):  # a person has the conversation: record only
             await self.store.mark_answered(conversation, newest.seq)
             await self.queue.ack(entry_ids)
+        elif isinstance(plan, ConfirmForget):
+            await self.forget_requests.ask(conversation, plan.user_id)
+            await self.delivery.commit(reply_to(newest, conversation, plan.reply), entry_ids)
         elif isinstance(plan, ForgetUser):
-            await self.user_data.forget(conversation.platform, plan.user_id)
+            await self.user_data.forget(
+                conversation.platform,
+                plan.user_id,
+                holding=conversation,
+                lock_wait_s=self.settings.lock_ttl_s,
+            )
             # The conversation may be gone; nothing is committed into it again.
             await self.store.mark_answered(conversation, newest.seq)
             notice = Draft(plan.notice, "notice")

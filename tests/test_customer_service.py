@@ -22,11 +22,12 @@ from core.knowledge.retrieval import Retriever
 from core.knowledge.store import KnowledgeBaseStore
 from core.settings import Settings
 from core.support.feedback import Feedback, read_stats
+from core.support.forget import FORGET_CONFIRM_TEXT, is_confirmation, is_forget_request
 from core.support.handoff import HANDOFF_RELEASED, HANDOFF_STARTED
 from core.support.privacy import UserData, import_transcript, parse_transcript, transcript_lines
 from core.support.workspaces import Workspaces
 from core.worker import Worker
-from tests.helpers import ScriptedEngine, make_store, outbox, submit, wait_for
+from tests.helpers import ScriptedEngine, echo_answer, make_store, outbox, submit, wait_for
 from tests.slack_emulator import app_mention, block_action, message, post_interaction
 from tests.test_slack import TEAM, Harness, close, conversation, make_harness
 
@@ -211,7 +212,8 @@ async def test_forget_me_deletes_every_key_of_that_user(
     redis: Any, make_settings: Any, tiny_engine: TransformersEngine, keys: Keys
 ) -> None:
     settings: Settings = make_settings()
-    engine = ScriptedEngine(tiny_engine, lambda r: "Sure.")
+    # The bot's replies quote the customer's words and name, as a real model's may.
+    engine = ScriptedEngine(tiny_engine, lambda r: f"Sure: {r.turns[-1]['content']}")
     worker = Worker(redis, settings, engine)
     task = asyncio.create_task(worker.run())
     mine = ConversationKey("test", "w", "dm-zed")
@@ -222,29 +224,92 @@ async def test_forget_me_deletes_every_key_of_that_user(
         )
         await submit(redis, settings, shared, "zed here: secret-zed-2", "z2", "zed")
         await wait_for(lambda: _count(redis, settings, 2), 20, "two answers")
-        await submit(redis, settings, shared, "amy here, hello", "a1", "amy")
+        await submit(redis, settings, shared, "amy here, hello ZED", "a1", "amy")
         await wait_for(lambda: _count(redis, settings, 3), 20, "three answers")
         replies = await outbox(redis, settings)
         await Feedback(redis, keys, 3600).rate(replies[0].reply_id, "zed", helpful=False)
         await Feedback(redis, keys, 3600).rate(replies[2].reply_id, "amy", helpful=True)
-        assert "zed" in json.dumps(await _all_data(redis, settings.namespace))
-        # The user asks in words; the bot confirms.
+        assert "zed" in json.dumps(await _all_data(redis, settings.namespace)).lower()
+        # The user asks in words; the bot asks them to confirm, and deletes nothing yet.
         await submit(redis, settings, shared, "please forget me", "z3", "zed")
-        await wait_for(lambda: _notice_posted(redis, settings), 20, "the confirmation")
+        await wait_for(lambda: _kind_posted(redis, settings, "confirm"), 20, "the question")
+        [confirm] = [r for r in await outbox(redis, settings) if r.kind == "confirm"]
+        assert confirm.text == FORGET_CONFIRM_TEXT and confirm.actions == ["forget"]
+        assert "secret-zed-1" in json.dumps(await _all_data(redis, settings.namespace))
+        await submit(redis, settings, shared, "yes", "z4", "zed")
+        await wait_for(lambda: _kind_posted(redis, settings, "notice"), 20, "the confirmation")
     finally:
         worker.stop()
         await task
     data = await _all_data(redis, settings.namespace)
-    leaks = {k: v for k, v in data.items() if "zed" in k or "zed" in v}
+    leaks = {k: v for k, v in data.items() if "zed" in k.lower() or "zed" in v.lower()}
     assert leaks == {}
-    # The other customer's words and rating stay.
+    # The other customer's words (their name for zed scrubbed) and rating stay.
     history = await make_store(redis, settings).history(shared)
-    assert [m.text for m in history if m.role is Role.USER] == ["amy here, hello"]
+    assert [m.text for m in history if m.role is Role.USER] == ["amy here, hello [removed]"]
     assert list((await Feedback(redis, keys, 3600).ratings(shared)).values()) == [1]
     # An operator can do the same by id.
     report = await UserData(redis, keys, 3600).forget("test", "amy")
     assert report.conversations_deleted == [shared.id]
-    assert "amy" not in json.dumps(await _all_data(redis, settings.namespace))
+    assert "amy" not in json.dumps(await _all_data(redis, settings.namespace)).lower()
+
+
+async def test_forget_me_needs_a_clear_request_and_a_yes(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> None:
+    settings: Settings = make_settings()
+    worker = Worker(redis, settings, ScriptedEngine(tiny_engine, echo_answer))
+    task = asyncio.create_task(worker.run())
+    conv = ConversationKey("test", "w", "dm-kim")
+    store = make_store(redis, settings)
+    try:
+        await submit(redis, settings, conv, "How do I delete my messages in the app?", "k1", "kim")
+        await wait_for(lambda: _count(redis, settings, 1), 20, "an answer")
+        await submit(redis, settings, conv, "please don't delete my data", "k2", "kim")
+        await wait_for(lambda: _count(redis, settings, 2), 20, "an answer")
+        await submit(redis, settings, conv, "forget me", "k3", "kim")
+        await wait_for(lambda: _kind_posted(redis, settings, "confirm"), 20, "the question")
+        await submit(redis, settings, conv, "actually no, what are your hours?", "k4", "kim")
+        await wait_for(lambda: _count(redis, settings, 4), 20, "an answer")
+    finally:
+        worker.stop()
+        await task
+    kinds = [r.kind for r in await outbox(redis, settings)]
+    assert kinds == ["answer", "answer", "confirm", "answer"]  # nothing deleted, ever
+    assert next(m.text for m in await store.history(conv) if m.role is Role.USER) == (
+        "How do I delete my messages in the app?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "asks"),
+    [
+        ("forget me", True),
+        ("Please delete my data.", True),
+        ("can you forget me?", True),
+        ("I want you to delete all my messages please", True),
+        ("erase my personal data from your records", True),
+        ("please don't delete my data", False),
+        ("How do I delete my messages in the app?", False),
+        ("do not forget me", False),
+        ("I forgot my password, can you remove me from the mailing list?", False),
+        ("delete my account", False),  # an account question for the team, not our records
+    ],
+)
+def test_only_clear_requests_ask_to_forget(text: str, asks: bool) -> None:
+    assert is_forget_request(text) is asks
+
+
+@pytest.mark.parametrize(
+    ("text", "yes"),
+    [("yes", True), ("Yes, delete it!", True), ("ok", True), ("no", False), ("yes?? why", False)],
+)
+def test_what_counts_as_yes(text: str, yes: bool) -> None:
+    assert is_confirmation(text) is yes
+
+
+async def _kind_posted(redis: Any, settings: Settings, kind: str) -> bool:
+    return any(r.kind == kind for r in await outbox(redis, settings))
 
 
 async def _notice_posted(redis: Any, settings: Settings) -> bool:

@@ -33,6 +33,7 @@ RESET_IN_CHANNEL = (
     "/reset works in DMs and threads."
 )
 HANDOFF_REQUEST_TEXT = "talk to a person"
+CONFIRM_TEXT = "yes"
 RELEASE_DONE = "Done: the bot answers in this conversation again."
 RELEASE_NOT_ACTIVE = "This conversation is already back with the bot."
 RELEASE_WHERE = (
@@ -140,7 +141,7 @@ class DiscordCommands:
             return
         data: Any = interaction.data or {}
         action, _, conversation_id = str(data.get("custom_id", "")).partition(":")
-        if action not in ("handoff_request", "handoff_release"):
+        if action not in ("handoff_request", "handoff_release", "forget_confirm"):
             return
         try:
             conversation = ConversationKey.from_id(conversation_id)
@@ -157,15 +158,15 @@ class DiscordCommands:
             else:
                 await interaction.response.send_message(RELEASE_NOT_ACTIVE, ephemeral=True)
             return
-        # "Talk to a person": as if the customer had asked in words, so the request takes
-        # the same path (and the same history) as a typed one.
+        # "Talk to a person", "Yes, delete my data": as if the user had said so in words,
+        # so the request takes the same path (and the same history) as a typed one.
         await interaction.response.defer()
         clicked = interaction.message
         await self.submit(
             conversation,
             self.client.get_partial_messageable(int(conversation.channel)),
             interaction.user,
-            HANDOFF_REQUEST_TEXT,
+            HANDOFF_REQUEST_TEXT if action == "handoff_request" else CONFIRM_TEXT,
             str(clicked.id if clicked is not None else interaction.id),
             direct=conversation.workspace == "dm",
             dedupe_id=f"interaction:{interaction.id}",

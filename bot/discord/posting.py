@@ -35,6 +35,7 @@ FEEDBACK_EMOJI = {"👍": True, "👎": False}
 BUTTONS: dict[str, tuple[str, str, discord.ButtonStyle]] = {
     "handoff": ("handoff_request", "Talk to a person", discord.ButtonStyle.primary),
     "release": ("handoff_release", "Hand back to the bot", discord.ButtonStyle.secondary),
+    "forget": ("forget_confirm", "Yes, delete my data", discord.ButtonStyle.danger),
 }
 CUSTOM_ID_LIMIT = 100
 

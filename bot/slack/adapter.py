@@ -53,6 +53,7 @@ ASK_USAGE = "Ask me anything, for example: `/ask how do I reset my password?`"
 NOT_IN_CHANNEL = "I can't post in this channel yet: invite me with `/invite @` and my name."
 _MENTION = re.compile(r"<@([UW][A-Z0-9]+)>")
 HANDOFF_REQUEST_TEXT = "talk to a person"
+CONFIRM_TEXT = "yes"
 FEEDBACK_THANKS = "Thanks for the feedback! It helps us improve the answers."
 FEEDBACK_EXPIRED = "Sorry, that answer is too old to rate now."
 RELEASE_NOT_ACTIVE = "This conversation is already back with the bot."
@@ -94,6 +95,7 @@ class SlackAdapter:
         self.app.action("feedback_up")(self._on_feedback)
         self.app.action("feedback_down")(self._on_feedback)
         self.app.action("handoff_request")(self._on_handoff_request)
+        self.app.action("forget_confirm")(self._on_forget_confirm)
         self.app.action("handoff_release")(self._on_handoff_release)
         self.feedback = Feedback(redis, self.keys, settings.history_ttl_s)
         self.handoffs = Handoffs(redis, self.keys, settings.history_ttl_s)
@@ -278,10 +280,23 @@ class SlackAdapter:
         self._later(self._handoff_request(body, context))
 
     async def _handoff_request(self, body: dict[str, Any], context: AsyncBoltContext) -> None:
+        await self._button_says(body, context, HANDOFF_REQUEST_TEXT)
+
+    async def _on_forget_confirm(
+        self, ack: Any, body: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        """ "Yes, delete my data": as if the user had answered "yes" in words; it deletes
+        only the data of a user who asked (anyone else's "yes" is a plain message)."""
+        await ack()
+        self._later(self._button_says(body, context, CONFIRM_TEXT))
+
+    async def _button_says(
+        self, body: dict[str, Any], context: AsyncBoltContext, text: str
+    ) -> None:
         conversation = ConversationKey.from_id(body["actions"][0]["value"])
         event = {
             "user": body["user"]["id"],
-            "text": HANDOFF_REQUEST_TEXT,
+            "text": text,
             "ts": str(body["actions"][0].get("action_ts") or body["trigger_id"]),
             "channel_type": "im" if conversation.channel.startswith("D") else "",
         }

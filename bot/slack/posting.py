@@ -51,6 +51,7 @@ BUTTONS: dict[str, list[tuple[str, str, str | None]]] = {
     "feedback": [("feedback_up", "👍 Helpful", None), ("feedback_down", "👎 Not helpful", None)],
     "handoff": [("handoff_request", "Talk to a person", "primary")],
     "release": [("handoff_release", "Hand back to the bot", None)],
+    "forget": [("forget_confirm", "Yes, delete my data", "danger")],
 }
 
 
@@ -214,6 +215,7 @@ def _blocks(text: str, reply: Reply) -> list[dict[str, Any]] | None:
         "feedback": reply.reply_id,
         "handoff": reply.conversation.id,
         "release": reply.conversation.id,
+        "forget": reply.conversation.id,
     }
     elements = []
     for action in reply.actions:
