@@ -69,14 +69,15 @@ async def submit_user_message(
     stop: asyncio.Event | None = None,
     give_up_after_s: float | None = None,
     direct: bool = False,
+    author_is_agent: bool = False,
 ) -> Submission:
     """Persist the message in its conversation and enqueue a job for it, exactly once.
 
     Safe to call again with the same `dedupe_id` (or `message_id`) after any failure: a
     message stored but not yet enqueued is enqueued by the retry. `direct` marks a direct
     message, which workspace channel restrictions do not apply to. While a person has the
-    conversation, the message is stored (an agent's with the `human_agent` role) and not
-    enqueued. Redis calls are retried until `stop` is set or `give_up_after_s` has
+    conversation, the message is stored and not enqueued; it has the `human_agent` role
+    only when the adapter found its author in the support team (`author_is_agent`). Redis calls are retried until `stop` is set or `give_up_after_s` has
     passed (then the Redis error is raised: the platform must deliver the message again).
     """
     give_up_at = None if give_up_after_s is None else time.monotonic() + give_up_after_s
@@ -96,7 +97,7 @@ async def submit_user_message(
             clean.original_chars,
             max_chars,
         )
-    agent = handoff is not None and author_id != handoff.customer_id
+    agent = handoff is not None and author_is_agent
     if handoff is None:
         refused = await _admission(store, queue, conversation, author_id, retry)
         if refused is not None:

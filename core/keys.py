@@ -104,6 +104,14 @@ class Keys:
         """Hash, present while a human agent has the conversation: `customer`, `since`…"""
         return self._conversation(conversation) + ":handoff"
 
+    def handoff_alerted(self, conversation: ConversationKey) -> str:
+        """Present for a while after the support team was alerted about this conversation."""
+        return self._conversation(conversation) + ":handoff-alerted"
+
+    def support_team(self, platform: str, workspace: str) -> str:
+        """JSON list of the user ids of a workspace's support team, as last looked up."""
+        return f"{self.namespace}:support-team:{platform}:{workspace}"
+
     def answers(self, conversation: ConversationKey) -> str:
         """Hash: reply id -> JSON record of what the bot answered (kind, sources)."""
         return self._conversation(conversation) + ":answers"

@@ -127,6 +127,7 @@ class ConfirmForget:
 
 @dataclass(frozen=True)
 class StartHandoff:
+    customer: Message  # the conversation's first customer message: whoever pressed the button
     reason: str
     support_channel: str
     support_mention: str
@@ -190,10 +191,15 @@ class AnswerPolicy:
         config = await self.workspaces.config(conversation.platform, conversation.workspace)
         intent = detect_intent(newest.text)
         if intent is Intent.HANDOFF:
+            # The release button is on the support team's alert, not here.
             text = HANDOFF_STARTED if config.support_channel else HANDOFF_NO_CONTACT
-            reply = Draft(text, "handoff", {"actions": ["release"]})
+            customer = next(m for m in history if m.role is Role.USER)
             return StartHandoff(
-                "asked for a person", config.support_channel, config.support_mention, reply
+                customer,
+                "asked for a person",
+                config.support_channel,
+                config.support_mention,
+                Draft(text, "handoff"),
             )
         if intent is Intent.FORGET:
             return ConfirmForget(newest.author_id)

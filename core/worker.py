@@ -311,7 +311,7 @@ class Worker:
                 self.handoffs,
                 self.outbox,
                 conversation,
-                customer=newest,
+                customer=plan.customer,
                 reason=plan.reason,
                 support_channel=plan.support_channel,
                 support_mention=plan.support_mention,

@@ -387,6 +387,8 @@ class SlackEmulator:
         self.socket_received: list[JsonDict] = []
         self.socket_connection_count = 0
         self.response_url_posts: list[tuple[str, JsonDict]] = []
+        self.usergroups: dict[str, list[str]] = {}  # usergroup id -> user ids
+        self.channel_members: dict[str, list[str]] = {}
 
         self._messages: list[_Message] = []
         self._faults: dict[str, _Fault] = {}
@@ -399,6 +401,8 @@ class SlackEmulator:
             "chat.getPermalink": self._chat_get_permalink,
             "chat.delete": self._chat_delete,
             "users.info": self._users_info,
+            "usergroups.users.list": self._usergroups_users_list,
+            "conversations.members": self._conversations_members,
             "conversations.info": self._conversations_info,
             "assistant.threads.setStatus": _ok,
             "assistant.threads.setTitle": _ok,
@@ -804,6 +808,19 @@ class SlackEmulator:
             return {"user": self.users[user_id]}
         is_bot = user_id == self.bot_user_id
         return {"user": self._user(user_id, None, None, is_bot)}
+
+    def _usergroups_users_list(self, params: JsonDict) -> JsonDict:
+        group = str(params.get("usergroup") or "")
+        if group not in self.usergroups:
+            return {"ok": False, "error": "no_such_subteam"}
+        return {"users": list(self.usergroups[group])}
+
+    def _conversations_members(self, params: JsonDict) -> JsonDict:
+        channel = str(params.get("channel") or "")
+        return {
+            "members": list(self.channel_members.get(channel, [])),
+            "response_metadata": {"next_cursor": ""},
+        }
 
     def _conversations_info(self, params: JsonDict) -> JsonDict:
         channel = str(params.get("channel") or "")

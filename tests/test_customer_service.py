@@ -16,19 +16,33 @@ import pytest
 
 from core.conversation import ConversationKey, Message, Role
 from core.generation.transformers_engine import TransformersEngine
+from core.jobs import Outbox
 from core.keys import Keys
 from core.knowledge.embeddings import Embedder
 from core.knowledge.retrieval import Retriever
 from core.knowledge.store import KnowledgeBaseStore
 from core.settings import Settings
+from core.support.agents import ONLY_AGENTS
 from core.support.feedback import Feedback, read_stats
 from core.support.forget import FORGET_CONFIRM_TEXT, is_confirmation, is_forget_request
-from core.support.handoff import HANDOFF_RELEASED, HANDOFF_STARTED
+from core.support.handoff import (
+    HANDOFF_RELEASED,
+    HANDOFF_STARTED,
+    Handoffs,
+    release_and_announce,
+)
 from core.support.privacy import UserData, import_transcript, parse_transcript, transcript_lines
 from core.support.workspaces import Workspaces
 from core.worker import Worker
 from tests.helpers import ScriptedEngine, echo_answer, make_store, outbox, submit, wait_for
-from tests.slack_emulator import app_mention, block_action, message, post_interaction
+from tests.slack_emulator import (
+    app_mention,
+    block_action,
+    message,
+    post_interaction,
+    post_slash_command,
+    slash_command,
+)
 from tests.test_slack import TEAM, Harness, close, conversation, make_harness
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kb"
@@ -53,6 +67,7 @@ async def cs_slack(
     await Workspaces(redis, keys, harness.settings).set(
         "slack", TEAM, {"support_channel": SUPPORT_CHANNEL, "support_mention": SUPPORT_GROUP}
     )
+    harness.emulator.usergroups[SUPPORT_GROUP] = ["U2"]  # Bob is the support team
     yield harness
     await close(harness)
 
@@ -347,3 +362,82 @@ async def test_export_round_trips(redis: Any, settings: Settings) -> None:
     assert state.answered == state.seq == 3
     with pytest.raises(ValueError, match="line 1"):
         parse_transcript(["{not json"])
+
+
+async def test_who_may_act_as_the_support_team_on_slack(cs_slack: Harness) -> None:
+    """U1 the customer, U2 the support group's member, U3 a bystander in the channel."""
+    slack, emulator = cs_slack, cs_slack.emulator
+    root = app_mention("<@UBOT> how much does standard shipping cost?", channel="C1")
+    conv = conversation("C1", root["ts"])
+    await slack.send(root)
+    await slack.wait_thread("C1", root["ts"], lambda t: any("Source:" in x for x in t))
+    # A bystander presses "Talk to a person" under the customer's answer: the handoff is
+    # the customer's, and the bystander does not become anybody's agent.
+    value = buttons(last_post_with(slack, "feedback_up"))["feedback_up"]
+    assert value.startswith(conv.id)
+    await post_interaction(
+        slack.url, "test-signing-secret", block_action("handoff_request", conv.id, user="U3")
+    )
+    await slack.wait_thread("C1", root["ts"], lambda t: HANDOFF_STARTED in t)
+    handoffs = Handoffs(slack.redis, Keys(slack.settings.namespace), 3600)
+    handoff = await handoffs.get(conv)
+    assert handoff is not None and handoff.customer_id == "U1"
+    # The release button is on the support alert only.
+    told = [c.params for c in emulator.calls if HANDOFF_STARTED in str(c.params.get("text"))]
+    assert told and all("handoff_release" not in str(p.get("blocks")) for p in told)
+
+    # In the thread: the bystander's words are a user's, the agent's an agent's.
+    await slack.send(message("I know the answer, it's free!", thread_ts=root["ts"], user="U3"))
+    await slack.send(message("Bob from support: it's $5.95.", thread_ts=root["ts"], user="U2"))
+    store = make_store(slack.redis, slack.settings)
+
+    async def both_recorded() -> bool:
+        texts = {m.text for m in await store.history(conv)}
+        return {"I know the answer, it's free!", "Bob from support: it's $5.95."} <= texts
+
+    await wait_for(both_recorded, 10, "both messages in the history")
+    roles = {m.author_id: m.role for m in await store.history(conv) if m.author_id in ("U2", "U3")}
+    assert roles == {"U3": Role.USER, "U2": Role.HUMAN_AGENT}
+
+    # A bystander's release is refused (ephemeral), the handoff stays; the agent's works.
+    await post_interaction(
+        slack.url,
+        "test-signing-secret",
+        block_action("handoff_release", conv.id, user="U3", channel=SUPPORT_CHANNEL),
+    )
+    await emulator.wait_for(
+        lambda: any(ONLY_AGENTS in str(c.params) for c in emulator.calls_to("chat.postEphemeral")),
+        10,
+    )
+    assert await handoffs.get(conv) is not None
+    await post_interaction(
+        slack.url,
+        "test-signing-secret",
+        block_action("handoff_release", conv.id, user="U2", channel=SUPPORT_CHANNEL),
+    )
+    await slack.wait_thread("C1", root["ts"], lambda t: HANDOFF_RELEASED in t)
+    assert await handoffs.get(conv) is None
+    # /reset of a channel's conversation: the support team's to do, not a bystander's.
+    for user, allowed in (("U3", False), ("U2", True)):
+        form = slash_command("/reset", channel="C1", user=user)
+        status, body = await post_slash_command(slack.url, "test-signing-secret", form)
+        assert status == 200 and (ONLY_AGENTS in body) is not allowed
+
+
+async def test_a_handoff_loop_pings_the_support_team_once(cs_slack: Harness) -> None:
+    slack = cs_slack
+    root = app_mention("<@UBOT> can I talk to a person?", channel="C1")
+    conv = conversation("C1", root["ts"])
+    handoffs = Handoffs(slack.redis, Keys(slack.settings.namespace), 3600)
+    outbox_writer = Outbox(slack.redis, Keys(slack.settings.namespace))
+    await slack.send(root)
+    await slack.wait_thread("C1", root["ts"], lambda t: HANDOFF_STARTED in t)
+    for i in range(3):
+        assert await release_and_announce(handoffs, outbox_writer, conv, by="operator")
+        await slack.send(message(f"talk to a person ({i})", thread_ts=root["ts"]))
+
+        async def again(n: int = i) -> bool:
+            return sum(HANDOFF_STARTED in x for x in slack.thread("C1", root["ts"])) == n + 2
+
+        await wait_for(again, 20, "the handoff again")
+    assert len(slack.thread(SUPPORT_CHANNEL, None)) == 1  # one alert, not four

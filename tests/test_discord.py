@@ -12,7 +12,7 @@ import pytest
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot.discord import INTENT_HELP, RELEASE_DONE, RESET_DONE, DiscordAdapter, jump_link
+from bot.discord import INTENT_HELP, RESET_DONE, DiscordAdapter, jump_link
 from bot.discord.posting import _buttons
 from core.conversation import ConversationKey, Reply, Role
 from core.errors import POLITE_FAILURE, SettingsError
@@ -21,8 +21,15 @@ from core.generation.transformers_engine import TransformersEngine
 from core.jobs import Outbox
 from core.keys import Keys
 from core.settings import Settings
+from core.support.agents import ONLY_AGENTS
 from core.support.feedback import Feedback
-from core.support.handoff import HANDOFF_NO_CONTACT, HANDOFF_RELEASED, HANDOFF_STARTED, Handoffs
+from core.support.handoff import (
+    HANDOFF_NO_CONTACT,
+    HANDOFF_RELEASED,
+    HANDOFF_STARTED,
+    Handoffs,
+    release_and_announce,
+)
 from core.support.workspaces import Workspaces
 from core.worker import Worker
 from tests.discord_emulator import (
@@ -348,11 +355,10 @@ async def support_bot(
         channels={CHANNEL: "general", SUPPORT_CHANNEL: "support"},
         roles={SUPPORT_ROLE: "support"},
     )
+    emulator = DiscordEmulator(heartbeat_interval_ms=1000, guilds=[guild])
+    emulator.add_member(GUILD, BOB_ID, roles=[SUPPORT_ROLE])  # Bob is the support team
     harness = await make_harness(
-        redis,
-        make_settings,
-        ScriptedEngine(tiny_engine, echo_answer),
-        emulator=DiscordEmulator(heartbeat_interval_ms=1000, guilds=[guild]),
+        redis, make_settings, ScriptedEngine(tiny_engine, echo_answer), emulator=emulator
     )
     await Workspaces(redis, Keys(harness.settings.namespace), harness.settings).set(
         "discord", GUILD, {"support_channel": SUPPORT_CHANNEL, "support_mention": SUPPORT_ROLE}
@@ -375,7 +381,7 @@ async def test_a_handoff_alerts_the_support_channel_and_is_released_by_a_button(
     [told] = await support_bot.wait_sent(CHANNEL, 1)
     assert told["content"] == HANDOFF_STARTED
     assert str(told["message_reference"]["message_id"]) == question["id"]
-    assert custom_ids(told) == [f"handoff_release:{conversation.id}"]
+    assert custom_ids(told) == []  # the release button is for the support team only
 
     [alert] = await support_bot.wait_sent(SUPPORT_CHANNEL, 1)
     assert alert["content"].startswith(f"<@&{SUPPORT_ROLE}> ")
@@ -460,9 +466,15 @@ async def test_the_talk_to_a_person_button_and_release_command(discord_bot: Harn
     handoffs = Handoffs(discord_bot.redis, Keys(discord_bot.settings.namespace), 3600)
     assert (await handoffs.get(conversation)) is not None
 
+    # The customer cannot hand the conversation back herself: only the support team can
+    # (or an operator, from the command line).
     await emulator.wait_for(lambda: "release" in {c["name"] for c in emulator.commands}, 10)
     release = await emulator.send_interaction("release", channel_id=channel)
-    await emulator.wait_for(lambda: emulator.interaction_replies(release) == [RELEASE_DONE], 10)
+    await emulator.wait_for(lambda: emulator.interaction_replies(release) == [ONLY_AGENTS], 10)
+    assert (await handoffs.get(conversation)) is not None
+    keys = Keys(discord_bot.settings.namespace)
+    outbox_writer = Outbox(discord_bot.redis, keys)
+    assert await release_and_announce(handoffs, outbox_writer, conversation, by="operator")
     sent = await discord_bot.wait_sent(channel, 4)
     assert sent[3]["content"] == HANDOFF_RELEASED and sent[3]["message_reference"] is None
     assert await handoffs.get(conversation) is None
@@ -493,3 +505,43 @@ async def test_round_trip_with_the_bundled_model(
         await close(harness)
     assert len(sent["content"]) > 10
     assert sent["message_reference"] is not None
+
+
+async def test_who_may_act_as_the_support_team_on_discord(support_bot: Harness) -> None:
+    """Ann the customer, Bob who holds the support role, Carl a bystander."""
+    emulator = support_bot.emulator
+    carl = "4003"
+    emulator.add_member(GUILD, carl)
+    tid = (await emulator.create_thread(CHANNEL, "help please"))["id"]
+    conversation = ConversationKey("discord", GUILD, tid)
+    await emulator.send_message(tid, f"{BOT} can I talk to a person?")
+    [told] = await support_bot.wait_sent(tid, 1)
+    assert told["content"] == HANDOFF_STARTED
+    [alert] = await support_bot.wait_sent(SUPPORT_CHANNEL, 1)
+    await emulator.send_message(tid, "not support, but: reboot it", author_id=carl)
+    await emulator.send_message(tid, "Bob from support here", author_id=BOB_ID)
+    store = make_store(support_bot.redis, support_bot.settings)
+
+    async def both_recorded() -> bool:
+        texts = {m.text for m in await store.history(conversation)}
+        return {"not support, but: reboot it", "Bob from support here"} <= texts
+
+    await wait_for(both_recorded, 10, "both messages in the history")
+    roles = {m.author_id: m.role for m in await store.history(conversation) if m.seq > 2}
+    assert roles == {carl: Role.USER, BOB_ID: Role.HUMAN_AGENT}
+
+    # Carl's release click and /reset are refused; Bob's work.
+    release_id = f"handoff_release:{conversation.id}"
+    click = await emulator.click_button(alert["id"], release_id, user_id=carl)
+    await emulator.wait_for(lambda: emulator.interaction_replies(click) == [ONLY_AGENTS], 10)
+    handoffs = Handoffs(support_bot.redis, Keys(support_bot.settings.namespace), 3600)
+    assert await handoffs.get(conversation) is not None
+    reset = await emulator.send_interaction("reset", channel_id=tid, user_id=carl)
+    await emulator.wait_for(lambda: emulator.interaction_replies(reset) == [ONLY_AGENTS], 10)
+    assert await store.history(conversation)
+    await emulator.click_button(alert["id"], release_id, user_id=BOB_ID)
+    sent = await support_bot.wait_sent(tid, 2)
+    assert sent[1]["content"] == HANDOFF_RELEASED
+    reset = await emulator.send_interaction("reset", channel_id=tid, user_id=BOB_ID)
+    await emulator.wait_for(lambda: emulator.interaction_replies(reset) == [RESET_DONE], 10)
+    assert await store.history(conversation) == []

@@ -53,8 +53,10 @@ def test_several_speakers_are_named_and_agents_marked() -> None:
         msg(3, "Checking now", Role.HUMAN_AGENT, author="eve"),
     ]
     assert history_turns(history) == [
-        {"role": "user", "content": "ANN: my order is late\nBOB: mine too"},
-        {"role": "assistant", "content": "(Human agent EVE) Checking now"},
+        {
+            "role": "user",
+            "content": "ANN: my order is late\nBOB: mine too\n(Human agent EVE) Checking now",
+        },
     ]
 
 

@@ -28,6 +28,7 @@ from discord import app_commands
 
 from bot.discord.commands import DiscordCommands
 from bot.discord.posting import PLATFORM, REPLY_MENTIONS, DiscordPoster
+from bot.discord.team import is_agent
 from bot.outbox import OutboxConsumer
 from core.conversation import ConversationKey
 from core.errors import SettingsError
@@ -39,6 +40,7 @@ from core.settings import Settings
 from core.store import ConversationStore
 from core.support.feedback import Feedback
 from core.support.handoff import Handoffs
+from core.support.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class DiscordAdapter:
         self.tree = app_commands.CommandTree(self.client)
         self.poster = DiscordPoster(self.client, redis, self.keys, settings.history_ttl_s)
         self.feedback = Feedback(redis, self.keys, settings.history_ttl_s)
+        self.workspaces = Workspaces(redis, self.keys, settings)
         self.handoffs = Handoffs(redis, self.keys, settings.history_ttl_s)
         self.commands = DiscordCommands(
             self.client,
@@ -103,6 +106,7 @@ class DiscordAdapter:
             keys=self.keys,
             store=self.store,
             outbox=Outbox(redis, self.keys),
+            workspaces=self.workspaces,
             feedback=self.feedback,
             handoffs=self.handoffs,
             submit=self.submit,
@@ -176,6 +180,11 @@ class DiscordAdapter:
         if conversation is None:
             return
         text = re.sub(rf"<@!?{me.id}>", "", message.content)
+        # Only the support team's words count as an agent's (and only during a handoff).
+        guild = str(message.guild.id) if message.guild else None
+        agent = await self.handoffs.get(conversation) is not None and await is_agent(
+            self.workspaces, self.client, message.author, guild
+        )
         submission = await self.submit(
             conversation,
             message.channel,
@@ -183,6 +192,7 @@ class DiscordAdapter:
             text,
             str(message.id),
             direct=message.guild is None,
+            author_is_agent=agent,
             give_up_after_s=max(give_up_at - time.monotonic(), 0.0),
         )
         if submission.reply_text:  # rejected, rate-limited or busy: say so at once
@@ -199,6 +209,7 @@ class DiscordAdapter:
         direct: bool,
         dedupe_id: str | None = None,
         give_up_after_s: float | None = None,
+        author_is_agent: bool = False,
     ) -> Submission:
         """Store and enqueue a user's message; show typing until it is answered.
 
@@ -215,6 +226,7 @@ class DiscordAdapter:
             dedupe_id=dedupe_id,
             give_up_after_s=give_up_after_s,
             direct=direct,
+            author_is_agent=author_is_agent,
         )
         if submission.outcome is Outcome.QUEUED:
             self._show_typing(channel, conversation, submission.seq)

@@ -16,14 +16,17 @@ import discord
 from discord import app_commands
 
 from bot.discord.posting import FEEDBACK_EMOJI, PLATFORM
-from core.conversation import ConversationKey
+from bot.discord.team import is_agent
+from core.conversation import ConversationKey, Role
 from core.inbound import Submission
 from core.jobs import Outbox
 from core.keys import Keys
 from core.redis_conn import Redis
 from core.store import ConversationStore
+from core.support.agents import ONLY_AGENTS
 from core.support.feedback import Feedback
 from core.support.handoff import Handoffs, release_and_announce
+from core.support.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class DiscordCommands:
         keys: Keys,
         store: ConversationStore,
         outbox: Outbox,
+        workspaces: Workspaces,
         feedback: Feedback,
         handoffs: Handoffs,
         submit: Submit,
@@ -77,6 +81,7 @@ class DiscordCommands:
         self.keys = keys
         self.store = store
         self.outbox = outbox
+        self.workspaces = workspaces
         self.feedback = feedback
         self.handoffs = handoffs
         self.submit = submit
@@ -117,14 +122,33 @@ class DiscordCommands:
         if conversation is None:
             await interaction.response.send_message(RESET_IN_CHANNEL, ephemeral=True)
             return
+        if not await self._may_reset(interaction, conversation):
+            await interaction.response.send_message(ONLY_AGENTS, ephemeral=True)
+            return
         await self.store.reset(conversation)
         await interaction.response.send_message(RESET_DONE, ephemeral=True)
+
+    async def _may_reset(self, interaction: discord.Interaction, conversation: Any) -> bool:
+        """A DM, a thread whose only customer is the user, or the support team."""
+        if conversation.workspace == "dm":
+            return True
+        user = str(interaction.user.id)
+        history = await self.store.history(conversation)
+        authors = {m.author_id for m in history if m.role is Role.USER}
+        return authors <= {user} or await self._is_agent(interaction)
+
+    async def _is_agent(self, interaction: discord.Interaction) -> bool:
+        guild = str(interaction.guild_id) if interaction.guild_id else None
+        return await is_agent(self.workspaces, self.client, interaction.user, guild)
 
     async def _on_release(self, interaction: discord.Interaction) -> None:
         """Hands the conversation of this DM or thread back to the bot."""
         conversation = _command_conversation(interaction)
         if conversation is None:
             await interaction.response.send_message(RELEASE_WHERE, ephemeral=True)
+            return
+        if not await self._is_agent(interaction):
+            await interaction.response.send_message(ONLY_AGENTS, ephemeral=True)
             return
         released = await release_and_announce(
             self.handoffs, self.outbox, conversation, str(interaction.user.id)
@@ -150,6 +174,9 @@ class DiscordCommands:
         if conversation.platform != PLATFORM:
             return
         if action == "handoff_release":
+            if not await self._is_agent(interaction):
+                await interaction.response.send_message(ONLY_AGENTS, ephemeral=True)
+                return
             released = await release_and_announce(
                 self.handoffs, self.outbox, conversation, str(interaction.user.id)
             )

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -29,6 +28,7 @@ from slack_bolt.context.async_context import AsyncBoltContext
 from slack_sdk.errors import SlackApiError
 
 from bot.outbox import OutboxConsumer
+from bot.slack.commands import INBOUND_PATIENCE_S, SlackCommands
 from bot.slack.posting import SlackPoster, web_client
 from bot.slack.requests import reject_malformed
 from core.conversation import ConversationKey
@@ -36,35 +36,22 @@ from core.errors import SettingsError
 from core.inbound import Outcome, submit_user_message
 from core.jobs import JobQueue, Outbox
 from core.keys import DISPLAY_NAME_TTL_S, Keys
-from core.redis_conn import TRANSIENT_ERRORS, Redis, with_retry
+from core.redis_conn import Redis
 from core.settings import Settings
 from core.store import ConversationStore
+from core.support.agents import SupportTeam
 from core.support.feedback import Feedback
-from core.support.handoff import Handoffs, release_and_announce
+from core.support.handoff import Handoffs
+from core.support.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "slack"
-RESET_DONE = (
-    "Done: I've forgotten our conversation in this channel. "
-    "(Each thread has its own history; start a new thread to start afresh there.)"
-)
-ASK_USAGE = "Ask me anything, for example: `/ask how do I reset my password?`"
-NOT_IN_CHANNEL = "I can't post in this channel yet: invite me with `/invite @` and my name."
 _MENTION = re.compile(r"<@([UW][A-Z0-9]+)>")
-HANDOFF_REQUEST_TEXT = "talk to a person"
-CONFIRM_TEXT = "yes"
-FEEDBACK_THANKS = "Thanks for the feedback! It helps us improve the answers."
-FEEDBACK_EXPIRED = "Sorry, that answer is too old to rate now."
-RELEASE_NOT_ACTIVE = "This conversation is already back with the bot."
-RESET_FAILED = "Sorry, I couldn't reset our conversation just now. Please try again in a minute."
-# Slack wants an answer within 3 s; past this, Redis errors fail the request (500) so that
-# Slack delivers the event again, instead of acknowledging a message that was not stored.
-INBOUND_PATIENCE_S = 1.5
-NAME_LOOKUP_TIMEOUT_S = 1.0
+NAME_LOOKUP_TIMEOUT_S = 1.0  # the event is acknowledged only after the lookup
 
 
-class SlackAdapter:
+class SlackAdapter(SlackCommands):
     def __init__(self, redis: Redis, settings: Settings) -> None:
         if not settings.slack_bot_token:
             raise SettingsError("SLACK_BOT_TOKEN is not set")
@@ -99,6 +86,8 @@ class SlackAdapter:
         self.app.action("handoff_release")(self._on_handoff_release)
         self.feedback = Feedback(redis, self.keys, settings.history_ttl_s)
         self.handoffs = Handoffs(redis, self.keys, settings.history_ttl_s)
+        self.workspaces = Workspaces(redis, self.keys, settings)
+        self.support_team = SupportTeam(redis, self.keys)
         # Everything else (reactions, channel events…) is acknowledged and ignored: an
         # unanswered event would be retried by Slack and count against the app.
         self.app.event(re.compile(".*"))(_ignore)
@@ -158,10 +147,14 @@ class SlackAdapter:
             lambda m: "" if m.group(1) == context.bot_user_id else m.group(0),
             event.get("text", ""),
         )
+        # Only the support team's words count as an agent's (and only during a handoff).
+        handed_off = await self.handoffs.get(conversation) is not None
+        agent = handed_off and await self._is_agent(conversation.workspace, user)
         submission = await submit_user_message(
             self.store,
             self.queue,
             conversation,
+            author_is_agent=agent,
             text=text,
             author_id=user,
             author_name=await self._display_name(conversation.workspace, user),
@@ -188,6 +181,28 @@ class SlackAdapter:
         if not task.cancelled() and task.exception() is not None:
             log.error("Slack background work failed", exc_info=task.exception())
 
+    async def _is_agent(self, team: str, user: str) -> bool:
+        return await self.support_team.includes(
+            PLATFORM, team, user, lambda: self._support_team_of(team)
+        )
+
+    async def _support_team_of(self, team: str) -> set[str]:
+        """The workspace's support user group (S…) or user (U…/W…), else the members of
+        its support channel; nobody when neither is set."""
+        config = await self.workspaces.config(PLATFORM, team)
+        mention = config.support_mention
+        if mention.startswith("S"):
+            response = await self.client.usergroups_users_list(usergroup=mention)
+            return {str(u) for u in response.get("users") or []}
+        if mention[:1] in ("U", "W"):
+            return {mention}
+        if config.support_channel:
+            response = await self.client.conversations_members(
+                channel=config.support_channel, limit=1000
+            )
+            return {str(u) for u in response.get("members") or []}
+        return set()
+
     async def _display_name(self, team: str, user: str) -> str:
         key = self.keys.display_name(PLATFORM, team, user)
         cached = await self.redis.get(key)
@@ -210,108 +225,6 @@ class SlackAdapter:
             log.warning("could not look up Slack user %s: %r", user, exc)
         await self.redis.set(key, name, ex=DISPLAY_NAME_TTL_S)
         return str(name)
-
-    # -- commands -----------------------------------------------------------------------
-
-    async def _on_ask(
-        self, ack: Any, respond: Any, command: dict[str, Any], context: AsyncBoltContext
-    ) -> None:
-        question = (command.get("text") or "").strip()
-        if not question:
-            await ack(ASK_USAGE)
-            return
-        await ack()
-        self._later(self._ask(respond, command, context, question))
-
-    async def _ask(
-        self, respond: Any, command: dict[str, Any], context: AsyncBoltContext, question: str
-    ) -> None:
-        channel, user = command["channel_id"], command["user_id"]
-        try:
-            root = await self.client.chat_postMessage(
-                channel=channel, text=f"<@{user}> asked: {question}"
-            )
-        except SlackApiError as exc:
-            log.warning("/ask in %s: could not start a thread: %s", channel, exc)
-            await respond(text=NOT_IN_CHANNEL, response_type="ephemeral")
-            return
-        team = context.team_id or command.get("team_id") or "unknown-team"
-        conversation = ConversationKey(PLATFORM, team, channel, str(root["ts"]))
-        await self.redis.set(self.keys.joined(conversation), "1", ex=self.settings.history_ttl_s)
-        event = {"user": user, "text": question, "ts": str(root["ts"])}
-        await self._submit(conversation, event, context, give_up_after_s=None)
-
-    async def _on_reset(self, ack: Any, command: dict[str, Any], context: AsyncBoltContext) -> None:
-        team = context.team_id or command.get("team_id") or "unknown-team"
-        conversation = ConversationKey(PLATFORM, team, command["channel_id"], "")
-        try:
-            await with_retry(
-                "resetting a conversation",
-                lambda: self.store.reset(conversation),
-                give_up_at=time.monotonic() + INBOUND_PATIENCE_S,
-            )
-        except TRANSIENT_ERRORS:
-            await ack(RESET_FAILED)
-            return
-        await ack(RESET_DONE)
-
-    # -- buttons ------------------------------------------------------------------------
-
-    async def _on_feedback(self, ack: Any, body: dict[str, Any]) -> None:
-        await ack()
-        self._later(self._feedback(body))
-
-    async def _feedback(self, body: dict[str, Any]) -> None:
-        action = body["actions"][0]
-        user, channel = body["user"]["id"], body["channel"]["id"]
-        recorded = await self.feedback.rate(
-            action["value"], user, helpful=action["action_id"] == "feedback_up"
-        )
-        await self.poster.ephemeral(
-            channel, user, FEEDBACK_THANKS if recorded else FEEDBACK_EXPIRED
-        )
-
-    async def _on_handoff_request(
-        self, ack: Any, body: dict[str, Any], context: AsyncBoltContext
-    ) -> None:
-        """The "Talk to a person" button: as if the customer had asked in words, so the
-        request takes the same path (and the same history) as a typed one."""
-        await ack()
-        self._later(self._handoff_request(body, context))
-
-    async def _handoff_request(self, body: dict[str, Any], context: AsyncBoltContext) -> None:
-        await self._button_says(body, context, HANDOFF_REQUEST_TEXT)
-
-    async def _on_forget_confirm(
-        self, ack: Any, body: dict[str, Any], context: AsyncBoltContext
-    ) -> None:
-        """ "Yes, delete my data": as if the user had answered "yes" in words; it deletes
-        only the data of a user who asked (anyone else's "yes" is a plain message)."""
-        await ack()
-        self._later(self._button_says(body, context, CONFIRM_TEXT))
-
-    async def _button_says(
-        self, body: dict[str, Any], context: AsyncBoltContext, text: str
-    ) -> None:
-        conversation = ConversationKey.from_id(body["actions"][0]["value"])
-        event = {
-            "user": body["user"]["id"],
-            "text": text,
-            "ts": str(body["actions"][0].get("action_ts") or body["trigger_id"]),
-            "channel_type": "im" if conversation.channel.startswith("D") else "",
-        }
-        await self._submit(conversation, event, context, give_up_after_s=None)
-
-    async def _on_handoff_release(self, ack: Any, body: dict[str, Any]) -> None:
-        await ack()
-        self._later(self._handoff_release(body))
-
-    async def _handoff_release(self, body: dict[str, Any]) -> None:
-        conversation = ConversationKey.from_id(body["actions"][0]["value"])
-        user = body["user"]["id"]
-        released = await release_and_announce(self.handoffs, self.outbox_writer, conversation, user)
-        if not released:
-            await self.poster.ephemeral(body["channel"]["id"], user, RELEASE_NOT_ACTIVE)
 
     async def _on_error(self, error: Exception, body: dict[str, Any]) -> None:
         log.error(

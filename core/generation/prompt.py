@@ -20,7 +20,7 @@ def history_turns(history: Sequence[Message]) -> list[ChatTurn]:
     """Chat turns for the history, oldest first, consecutive same-role messages merged.
 
     When several people speak, each user message names its author so the model can tell
-    them apart; a human agent's words appear as the assistant side, marked as such.
+    them apart; a human agent's words are quoted on the user side, marked as theirs.
     """
     speakers = {m.author_id for m in history if m.role is Role.USER}
     turns: list[ChatTurn] = []
@@ -31,7 +31,9 @@ def history_turns(history: Sequence[Message]) -> list[ChatTurn]:
                 f"{message.author_name}: {message.text}" if len(speakers) > 1 else message.text
             )
         elif message.role is Role.HUMAN_AGENT:
-            role, content = "assistant", f"(Human agent {message.author_name}) {message.text}"
+            # Quoted as the agent's words on the customers' side, never as the bot's own
+            # turn: what is said there cannot put words in the bot's mouth.
+            role, content = "user", f"(Human agent {message.author_name}) {message.text}"
         elif message.role is Role.ASSISTANT:
             role, content = "assistant", message.text
         else:

@@ -49,11 +49,23 @@ class Handoff:
         )
 
 
+# KEYS: handoff.  ARGV: customer id, name, reason, since, ttl_s.  1 if started.
+_START = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'customer_id', ARGV[1], 'customer_name', ARGV[2],
+  'reason', ARGV[3], 'since', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+ALERT_COOLDOWN_S = 300
+
+
 class Handoffs:
     def __init__(self, redis: Redis, keys: Keys, ttl_s: int) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl_s = ttl_s
+        self._start = redis.register_script(_START)
 
     async def get(self, conversation: ConversationKey) -> Handoff | None:
         raw = await self.redis.hgetall(self.keys.handoff(conversation))
@@ -62,20 +74,23 @@ class Handoffs:
     async def start(
         self, conversation: ConversationKey, customer_id: str, customer_name: str, reason: str
     ) -> Handoff | None:
-        """Mark the conversation handed off; None when it already was."""
-        key = self.keys.handoff(conversation)
-        if not await self.redis.hsetnx(key, "customer_id", customer_id):
-            return None
+        """Mark the conversation handed off (atomically, with its TTL); None when it
+        already was."""
         handoff = Handoff(customer_id, customer_name, reason, time.time())
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                key,
-                mapping={"customer_name": customer_name, "reason": reason, "since": handoff.since},
-            )
-            pipe.expire(key, self.ttl_s)
-            await pipe.execute()
+        started = await self._start(
+            keys=[self.keys.handoff(conversation)],
+            args=[customer_id, customer_name, reason, handoff.since, self.ttl_s],
+        )
+        if not started:
+            return None
         log.info("conversation %s handed to a human (%s)", conversation.id, reason)
         return handoff
+
+    async def may_alert(self, conversation: ConversationKey) -> bool:
+        """At most one support alert per conversation per `ALERT_COOLDOWN_S`: a handoff
+        and release in a loop cannot ping the support team without end."""
+        key = self.keys.handoff_alerted(conversation)
+        return bool(await self.redis.set(key, "1", nx=True, ex=ALERT_COOLDOWN_S))
 
     async def release(self, conversation: ConversationKey, by: str) -> Handoff | None:
         """End the handoff; returns what it was, or None when there was none."""
@@ -146,6 +161,9 @@ async def hand_over(
     handoff = await handoffs.start(conversation, customer.author_id, customer.author_name, reason)
     if handoff is None:
         return None
+    if support_channel and not await handoffs.may_alert(conversation):
+        log.info("handoff in %s: the support team was alerted recently; not again", conversation.id)
+        return handoff
     if support_channel:
         alert = support_notice(
             conversation,
