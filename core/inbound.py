@@ -77,8 +77,9 @@ async def submit_user_message(
     message stored but not yet enqueued is enqueued by the retry. `direct` marks a direct
     message, which workspace channel restrictions do not apply to. While a person has the
     conversation, the message is stored and not enqueued; it has the `human_agent` role
-    only when the adapter found its author in the support team (`author_is_agent`). Redis calls are retried until `stop` is set or `give_up_after_s` has
-    passed (then the Redis error is raised: the platform must deliver the message again).
+    only when the adapter found its author in the support team (`author_is_agent`).
+    Redis calls are retried until `stop` is set or `give_up_after_s` has passed (then the
+    Redis error is raised: the platform must deliver the message again).
     """
     give_up_at = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     retry = Retry(stop, give_up_at)
