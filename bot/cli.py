@@ -28,6 +28,8 @@ from core.settings import Settings
 
 log = logging.getLogger("chatbot")
 
+# Loggers that write request and response bodies at DEBUG.
+PLATFORM_LOGGERS = ("slack_sdk", "slack_bolt", "discord.http", "discord.gateway", "aiohttp")
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 
@@ -50,6 +52,9 @@ def _setup_logging(settings: Settings, *, quiet_console: bool) -> None:
     install_log_masking(root)
     for noisy in ("httpx", "urllib3", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not settings.log_platform_bodies:
+        for library in PLATFORM_LOGGERS:
+            logging.getLogger(library).setLevel(max(logging.INFO, root.level))
 
 
 async def cmd_prepare_model(settings: Settings, args: argparse.Namespace) -> int:

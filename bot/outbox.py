@@ -118,10 +118,10 @@ class OutboxConsumer:
             reply = Reply.from_fields(fields)
         except (KeyError, ValueError) as exc:
             log.error(
-                "malformed %s outbox entry %s (%r): %s; dropped",
+                "malformed %s outbox entry %s (fields %s): %s; dropped",
                 self.platform,
                 entry_id,
-                fields,
+                sorted(fields),  # names only: a reply's text is customer data
                 exc,
             )
             await self.redis.xack(self.stream, self.group, entry_id)

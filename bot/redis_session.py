@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from enum import StrEnum
 from pathlib import Path
@@ -84,7 +85,10 @@ async def _find_or_start(
     url = await asyncio.to_thread(server.start)
     stack.push_async_callback(asyncio.to_thread, server.stop)
     if embedded is Embedded.SERVE:
-        announced = url_file(settings)
-        announced.write_text(url + "\n")
+        announced = url_file(settings)  # it holds the password: for this user's eyes only
+        announced.unlink(missing_ok=True)
+        fd = os.open(announced, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(url + "\n")
         stack.callback(announced.unlink, missing_ok=True)
     return url

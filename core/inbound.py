@@ -18,7 +18,7 @@ from core.store import ConversationStore
 from core.support.handoff import Handoff, Handoffs
 from core.support.privacy import UserData
 from core.support.workspaces import WorkspaceConfig, Workspaces
-from core.text import EMPTY_MESSAGE_REPLY, clean_user_text
+from core.text import EMPTY_MESSAGE_REPLY, clean_name, clean_user_text
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,13 @@ async def submit_user_message(
     retry = Retry(stop, give_up_at)
     config, handoff = await _conversation_settings(store, conversation, retry)
     if not config.allows(conversation.channel, direct=direct):
-        log.debug("%s: channel not enabled for the bot in this workspace", conversation.id)
+        log.debug(
+            "%s: %s",
+            conversation.id,
+            "channel not enabled for the bot in this workspace"
+            if config.served
+            else "workspace not listed (CHATBOT_WORKSPACES=listed): ignored",
+        )
         return Submission(Outcome.NOT_ALLOWED)
     clean = clean_user_text(text, max_chars)
     if not clean.text:
@@ -107,7 +113,7 @@ async def submit_user_message(
         role=Role.HUMAN_AGENT if agent else Role.USER,
         text=clean.text,
         author_id=author_id,
-        author_name=author_name,
+        author_name=clean_name(author_name),
         message_id=message_id,
         timestamp=time.time() if timestamp is None else timestamp,
     )
@@ -183,7 +189,8 @@ async def _store_and_enqueue(
     )
     if not handed_off:  # while a person has the conversation, nothing is enqueued
         await retry(
-            "enqueueing a job", lambda: queue.enqueue(conversation, added.seq, message.message_id)
+            "enqueueing a job",
+            lambda: queue.enqueue(conversation, added.seq, message.message_id, message.author_id),
         )
     await retry("marking a message settled", lambda: store.mark_settled(conversation, dedupe))
     return Submission(Outcome.HANDED_OFF if handed_off else Outcome.QUEUED, seq=added.seq)

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,12 @@ class Job:
     seq: int
     message_id: str
     deliveries: int = 1
+    author: str = ""  # who wrote it: batches are filled fairly, user by user
+
+    @property
+    def entry_id_order(self) -> tuple[int, int]:
+        """The stream entry id as a sortable pair: the order jobs arrived in."""
+        return _parse_id(self.entry_id)
 
     @classmethod
     def from_entry(cls, entry_id: str, fields: dict[str, str], deliveries: int = 1) -> Job:
@@ -47,6 +54,7 @@ class Job:
             seq=int(fields["seq"]),
             message_id=fields["message_id"],
             deliveries=deliveries,
+            author=fields.get("author", ""),
         )
 
 
@@ -65,11 +73,14 @@ class JobQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def enqueue(self, conversation: ConversationKey, seq: int, message_id: str) -> str:
+    async def enqueue(
+        self, conversation: ConversationKey, seq: int, message_id: str, author: str = ""
+    ) -> str:
         fields = {
             "conversation": conversation.id,
             "seq": str(seq),
             "message_id": message_id,
+            "author": author,
             "enqueued_at": f"{time.time():.3f}",
         }
         return await _xadd(self.redis, self.keys.jobs, fields, None)
@@ -215,3 +226,26 @@ async def trim_acknowledged(redis: Redis, stream: str) -> int:
         return 0
     ms, seq = min(needed)
     return int(await redis.xtrim(stream, minid=f"{ms}-{seq}", approximate=False))
+
+
+def fair_share(jobs: list[Job], size: int) -> tuple[list[Job], list[Job]]:
+    """At most `size` jobs taken user by user, in turn (oldest first for each), so that one
+    user's many messages do not keep another's waiting; and the rest, for later. A
+    conversation's jobs stay together (it is answered once, with all of them)."""
+    by_conversation: dict[ConversationKey, list[Job]] = defaultdict(list)
+    for job in sorted(jobs, key=lambda j: j.entry_id_order):
+        by_conversation[job.conversation].append(job)
+    by_author: dict[str, list[list[Job]]] = defaultdict(list)
+    for conversation_jobs in by_conversation.values():
+        by_author[conversation_jobs[0].author].append(conversation_jobs)
+    taken: list[Job] = []
+    queues = list(by_author.values())
+    while queues and len(taken) < size:
+        for queue in list(queues):
+            taken += queue.pop(0)
+            if not queue:
+                queues.remove(queue)
+            if len(taken) >= size:
+                break
+    chosen = {j.entry_id for j in taken}
+    return taken, [j for j in jobs if j.entry_id not in chosen]

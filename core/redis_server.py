@@ -7,6 +7,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -49,7 +50,20 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def password(self) -> str:
+        """A random password kept in the data directory (mode 0600): any local user could
+        otherwise write to the streams and make the bot post anything, anywhere."""
+        path = self.data_dir / "password"
+        if not path.is_file():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(secrets.token_urlsafe(24))
+        return path.read_text().strip()
 
     @property
     def log_file(self) -> Path:
@@ -82,10 +96,22 @@ class RedisServer:
             "daemonize": "no",
             "logfile": str(self.log_file.resolve()),
         }
-        return [binary, *(part for name, value in options.items() for part in (f"--{name}", value))]
+        # The password goes in a file of ours, not on the command line (`ps` shows that).
+        config = self.data_dir / "redis.conf"
+        config.unlink(missing_ok=True)
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"requirepass {self.password}\n")
+        return [
+            binary,
+            str(config.resolve()),
+            *(part for name, value in options.items() for part in (f"--{name}", value)),
+        ]
 
     def _wait_until_up(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=1
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while True:

@@ -118,6 +118,13 @@ def _rate(name: str, raw: str) -> tuple[int, float]:
     return int(match.group(1)), float(_PERIOD_S[match.group(2).lower()])
 
 
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        raise SettingsError(f"{name} must be on or off, not {raw!r}")
+    return value in ("on", "true", "1", "yes")
+
+
 def _text(name: str, raw: str) -> str:
     return raw
 
@@ -162,6 +169,9 @@ class Settings:
         default_factory=lambda: Path.home() / ".cache" / "chatbot",
     )
     log_level: str = _env("CHATBOT_LOG_LEVEL", _choice(LOG_LEVELS), default="INFO")
+    # At DEBUG, slack_sdk and discord.py log request and response bodies (customers'
+    # messages, tokens in URLs): only when asked for, on top of CHATBOT_LOG_LEVEL=DEBUG.
+    log_platform_bodies: bool = _env("CHATBOT_LOG_PLATFORM_BODIES", _flag, default=False)
     slack_bot_token: str | None = _env("SLACK_BOT_TOKEN", _secret, default=None)
     slack_signing_secret: str | None = _env("SLACK_SIGNING_SECRET", _secret, default=None)
     slack_app_token: str | None = _env("SLACK_APP_TOKEN", _secret, default=None)
@@ -178,6 +188,9 @@ class Settings:
     kb_min_score: float = _env("CHATBOT_KB_MIN_SCORE", _unit_float, default=0.3)
     support_channel: str = _env("CHATBOT_SUPPORT_CHANNEL", default="")
     support_mention: str = _env("CHATBOT_SUPPORT_MENTION", default="")
+    # "open": every Slack workspace and Discord guild that adds the bot is served; "listed":
+    # only those given settings with `chatbot workspace set` (Discord DMs: workspace "dm").
+    workspaces: str = _env("CHATBOT_WORKSPACES", _choice(("open", "listed")), default="open")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens >= self.context_tokens:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,9 +32,10 @@ from core.conversation import ConversationKey, Message, ReplyId, Role
 from core.delivery import Delivery, reply_to
 from core.generation.engine import Engine, Generation, GenerationRequest
 from core.generation.prompt import build_prompt
-from core.jobs import Job, JobQueue, Outbox, consumer_name, trim_acknowledged
+from core.jobs import Job, JobQueue, Outbox, consumer_name, fair_share
 from core.keys import Keys
 from core.knowledge.retrieval import Retriever
+from core.liveness import Liveness
 from core.policy import (
     AnswerPolicy,
     ConfirmForget,
@@ -100,11 +99,20 @@ class Worker:
             settings, workspaces, self.handoffs, self.forget_requests, retriever
         )
         self.stopping = asyncio.Event()
-        self._deferred: dict[str, Job] = {}
+        self._deferred: dict[str, Job] = {}  # their conversation was locked by another
+        self._waiting: dict[str, Job] = {}  # read, waiting their fair turn in a batch
         self._in_flight: dict[str, Prepared] = {}
         self._last_reclaim = 0.0
-        self._started_at = time.time()
-        self._heartbeat_s = min(settings.lock_ttl_s, settings.reclaim_idle_s) / 3
+        self.liveness = Liveness(
+            self.queue,
+            self.store,
+            min(settings.lock_ttl_s, settings.reclaim_idle_s) / 3,
+            owned_jobs=self._owned_jobs,
+            status=lambda: {
+                "replies_published": self.delivery.replies_published,
+                "in_flight": len(self._in_flight),
+            },
+        )
 
     @property
     def consumer(self) -> str:
@@ -117,8 +125,8 @@ class Worker:
     async def run(self) -> None:
         await with_retry("creating the job consumer group", self.queue.ensure_group)
         log.info("worker %s ready", self.consumer)
-        await with_retry("announcing the worker", self._announce)
-        heartbeat = asyncio.create_task(self._heartbeat())
+        await with_retry("announcing the worker", self.liveness.announce)
+        heartbeat = asyncio.create_task(self.liveness.run())
         backoff = Backoff("answering jobs")
         try:
             while not self.stopping.is_set():
@@ -159,27 +167,33 @@ class Worker:
     # -- collecting -------------------------------------------------------------------
 
     async def _collect(self) -> list[Job]:
+        """Jobs to prepare now: those whose conversation was locked last time (they take
+        no room: the read below always waits for new work instead of spinning on them),
+        and a fair share (`fair_share`) of those waiting their turn, reclaimed and new."""
         s = self.settings
-        deferred = list(self._deferred.values())
+        locked = list(self._deferred.values())
+        waiting = {job.entry_id: job for job in [*self._waiting.values(), *await self._reclaim()]}
         self._deferred.clear()
-        jobs = {job.entry_id: job for job in [*deferred, *await self._reclaim()]}
-        # Deferred jobs wait on another worker's lock: they take no room in the batch, so
-        # the read below always waits for new work instead of spinning on them.
-        room = s.max_batch_size - (len(jobs) - len(deferred))
+        self._waiting.clear()
+        # Read ahead of the batch (up to twice its size) so that it can be filled fairly.
+        room = 2 * s.max_batch_size - len(waiting)
         if room > 0:
-            new = await self.queue.read_jobs(room, 200 if jobs else 1000)
+            new = await self.queue.read_jobs(room, 200 if waiting or locked else 1000)
             if new and len(new) < room:
                 # A short pause lets the rest of a burst arrive and join this batch.
                 await asyncio.sleep(s.batch_wait_ms / 1000)
                 new += await self.queue.read_jobs(room - len(new), block_ms=None)
-            jobs.update((job.entry_id, job) for job in new)
+            waiting.update((job.entry_id, job) for job in new)
         runnable = []
-        for job in jobs.values():
+        for job in [*locked, *waiting.values()]:
             if job.deliveries > s.max_deliveries:
                 await self._give_up(job, f"delivered {job.deliveries - 1} times without success")
-            else:
+            elif job.entry_id not in self._deferred:
                 runnable.append(job)
-        return runnable
+        fresh = [job for job in runnable if job not in locked]
+        batch, later = fair_share(fresh, s.max_batch_size)
+        self._waiting.update((job.entry_id, job) for job in later)
+        return [*(job for job in runnable if job in locked), *batch]
 
     async def _reclaim(self) -> list[Job]:
         """Jobs other workers left unfinished, looked for every `reclaim_idle_s / 2`."""
@@ -350,7 +364,7 @@ class Worker:
             for item in batch:
                 self._in_flight.pop(item.request.request_id, None)
                 await item.release.aclose()  # no-op for those `_finish` released
-        await with_retry("announcing the worker", self._announce)
+        await with_retry("announcing the worker", self.liveness.announce)
 
     async def _generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Generations for `requests`; if the batch fails, each is tried alone so that one
@@ -407,35 +421,8 @@ class Worker:
                 return
             await self.delivery.dead_letter(job, reason)
 
-    # -- keeping claims alive ---------------------------------------------------------
-
-    async def _announce(self) -> None:
-        """Tell `chatbot health` (and operators) that this worker is alive."""
-        record = {
-            "consumer": self.consumer,
-            "pid": os.getpid(),
-            "started_at": self._started_at,
-            "replies_published": self.delivery.replies_published,
-            "in_flight": len(self._in_flight),
-        }
-        await self.queue.redis.set(
-            self.queue.keys.worker(self.consumer),
-            json.dumps(record),
-            px=int(self._heartbeat_s * 3000),
-        )
-
-    async def _heartbeat(self) -> None:
-        """Renews every lock this worker holds and the claims on its jobs."""
-        while True:
-            await asyncio.sleep(self._heartbeat_s)
-            try:
-                entry_ids = list(self._deferred)
-                for item in list(self._in_flight.values()):
-                    entry_ids += [j.entry_id for j in item.jobs]
-                for lock in list(self.store.held_locks):
-                    await lock.renew()
-                await self.queue.touch(entry_ids)
-                await self._announce()
-                await trim_acknowledged(self.queue.redis, self.queue.keys.jobs)
-            except TRANSIENT_ERRORS as exc:
-                log.warning("heartbeat could not reach Redis: %s", exc)
+    def _owned_jobs(self) -> list[str]:
+        entry_ids = [*self._deferred, *self._waiting]
+        for item in list(self._in_flight.values()):
+            entry_ids += [j.entry_id for j in item.jobs]
+        return entry_ids

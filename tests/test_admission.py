@@ -70,3 +70,36 @@ async def test_a_flooding_user_is_told_once_and_others_still_get_in(
     assert other.outcome is Outcome.QUEUED
     stats = await read_stats(redis, Keys(settings.namespace), "test")
     assert stats.counts["rate_limited"] == 3
+
+
+async def test_listed_mode_serves_only_the_workspaces_an_operator_set_up(
+    redis: Any, make_settings: Any
+) -> None:
+    from core.support.workspaces import Workspaces
+
+    settings = make_settings(CHATBOT_WORKSPACES="listed")
+    stranger = ConversationKey("test", "W-STRANGER", "C1", "t")
+    ours = ConversationKey("test", "W-OURS", "C1", "t")
+    await Workspaces(redis, Keys(settings.namespace), settings).set(
+        "test", "W-OURS", {"kb": "default"}
+    )
+    assert (await submit(redis, settings, stranger, "hi", "s1")).outcome is Outcome.NOT_ALLOWED
+    assert (await submit(redis, settings, ours, "hi", "o1")).outcome is Outcome.QUEUED
+    assert await make_store(redis, settings).history(stranger) == []
+
+
+def test_a_batch_is_filled_user_by_user() -> None:
+    from core.jobs import Job, fair_share
+
+    flood = [
+        Job(f"1-{i}", ConversationKey("test", "W1", "C1", f"a{i}"), 1, f"a{i}", author="ann")
+        for i in range(10)
+    ]
+    burst = [
+        Job(f"1-{20 + i}", ConversationKey("test", "W1", "C1", "b"), i + 1, f"b{i}", author="bob")
+        for i in range(2)
+    ]
+    late = Job("1-30", ConversationKey("test", "W1", "C1", "c"), 1, "c", author="cid")
+    batch, rest = fair_share([*flood, *burst, late], 4)
+    assert [j.author for j in batch] == ["ann", "bob", "bob", "cid"]  # bob's burst together
+    assert len(rest) == 9 and all(j.author == "ann" for j in rest)

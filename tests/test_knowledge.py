@@ -217,3 +217,19 @@ async def test_a_workspace_persona_and_knowledge_base_apply_to_that_workspace_on
 
 async def _has_replies(redis: Any, settings: Settings, count: int) -> bool:
     return len(await outbox(redis, settings)) >= count
+
+
+def test_documents_in_other_encodings_and_links_out_of_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "kb"
+    folder.mkdir()
+    (folder / "bom.md").write_bytes("\ufeff# Returns\n\nWithin 30 days.\n".encode())
+    (folder / "latin.md").write_bytes("# Café opening\n\nOpen at 9.\n".encode("cp1252"))
+    (folder / "wide.md").write_bytes("# Shipping\n\nFree over $75.\n".encode("utf-16"))
+    secret = tmp_path / "secret.md"
+    secret.write_text("# Secret\n\nThe admin password.\n")
+    (folder / "link.md").symlink_to(secret)
+    documents = {d.id: d for d in read_documents(folder)}
+    assert set(documents) == {"bom.md", "latin.md", "wide.md"}  # the link is not followed
+    assert documents["bom.md"].title == "Returns"
+    assert documents["latin.md"].title == "Café opening"
+    assert documents["wide.md"].passages[0].text == "Free over $75."

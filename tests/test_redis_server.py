@@ -40,3 +40,15 @@ def test_a_taken_port_is_reported_with_the_servers_own_words(tmp_path: Path) -> 
             RedisServer(tmp_path / "b", port=first.port).start()
     finally:
         first.stop()
+
+
+def test_the_embedded_server_wants_its_password(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "data")
+    server.start()
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=server.port).ping()
+        assert redis.Redis.from_url(server.url).ping()
+        assert ((tmp_path / "data" / "password").stat().st_mode & 0o777) == 0o600
+    finally:
+        server.stop()

@@ -1,4 +1,4 @@
-from bot.slack.format import markdown_to_mrkdwn
+from bot.slack.format import escape, markdown_to_mrkdwn
 
 
 def test_emphasis_links_headings_and_lists() -> None:
@@ -24,3 +24,16 @@ def test_code_keeps_its_asterisks() -> None:
 def test_the_model_cannot_ping_everyone() -> None:
     converted = markdown_to_mrkdwn("Hi @everyone and <!here|here> and <!channel>")
     assert "@everyone" not in converted and "<!" not in converted
+
+
+def test_a_link_cannot_smuggle_a_mention_out() -> None:
+    out = markdown_to_mrkdwn("see [x](https://a/><!subteam^S0123|@support>) and <@U999>")
+    assert "<!subteam" not in out and "<@U999>" not in out
+    assert "&lt;!subteam^S0123" in out
+    assert markdown_to_mrkdwn("[docs](https://a.example/?a=1&b=2)") == (
+        "<https://a.example/?a=1&amp;b=2|docs>"
+    )
+
+
+def test_escape_shows_markup_as_text() -> None:
+    assert escape("<!channel> & <@U1>") == "&lt;!channel&gt; &amp; &lt;@U1&gt;"

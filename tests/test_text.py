@@ -1,4 +1,4 @@
-from core.text import TRUNCATION_NOTE, clean_user_text
+from core.text import TRUNCATION_NOTE, clean_name, clean_user_text
 
 
 def test_empty_and_whitespace_become_empty() -> None:
@@ -36,3 +36,15 @@ def test_100_kb_message_is_truncated_with_a_note() -> None:
 
 def test_runs_of_blank_lines_are_collapsed() -> None:
     assert clean_user_text("a\n\n\n\n\nb", 100).text == "a\n\nb"
+
+
+def test_invisible_and_reordering_characters_are_removed() -> None:
+    sneaky = "pay\u200b to\u202e evil\u2066 acc\U000e0041ount\ufeff"
+    assert clean_user_text(sneaky, 100).text == "pay to evil account"
+    assert clean_user_text("family 👨\u200d👩\u200d👧", 100).text == "family 👨\u200d👩\u200d👧"
+
+
+def test_names_are_one_visible_bounded_line() -> None:
+    assert clean_name("  Ann\u202e\n<@U1>\t ") == "Ann <@U1>"
+    assert len(clean_name("x" * 500)) == 80
+    assert clean_name("\u200b\u200b") == "someone"

@@ -106,7 +106,9 @@ class DiscordPoster:
             raise PermanentPostError(f"the support channel {target!r} is not a Discord id")
         mention, allowed = self._support_mention(target, str(reply.meta.get("mention", "")))
         link = jump_link(conversation, reply.reply_to)
-        text = f"{mention}🚨 {reply.text} Open the conversation: {link}"
+        # The alert names the customer: their display name is shown, never interpreted.
+        said = discord.utils.escape_mentions(discord.utils.escape_markdown(reply.text))
+        text = f"{mention}🚨 {said} Open the conversation: {link}"
         release = Reply(reply.reply_id, conversation, text, "", 0, meta={"actions": ["release"]})
         channel = self.client.get_partial_messageable(int(target))
         try:

@@ -18,6 +18,11 @@ _SPECIAL_MENTION = re.compile(r"<!(everyone|channel|here)[^>]*>|@(everyone|chann
 BOLD_MARK = "\x00B\x00"
 
 
+def escape(text: str) -> str:
+    """Text shown as itself in mrkdwn: no link, mention or ping can come out of it."""
+    return _escape(text)
+
+
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -27,7 +32,11 @@ def _convert_prose(text: str) -> str:
     links: list[str] = []
 
     def keep_link(match: re.Match[str]) -> str:
-        links.append(f"<{match.group(2)}|{_escape(match.group(1))}>")
+        label, url = _escape(match.group(1)), match.group(2)
+        if any(c in url for c in "<>|"):  # it would close the link and inject markup
+            links.append(f"{label} ({_escape(url)})")
+        else:
+            links.append(f"<{url.replace('&', '&amp;')}|{label}>")
         return f"\x00L{len(links) - 1}\x00"
 
     text = _LINK.sub(keep_link, text)

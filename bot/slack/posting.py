@@ -22,7 +22,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.chunking import split_message
 from bot.outbox import PermanentPostError, PostedParts
-from bot.slack.format import markdown_to_mrkdwn
+from bot.slack.format import escape, markdown_to_mrkdwn
 from core.conversation import ConversationKey, Reply
 from core.keys import PLACEHOLDER_TTL_S, Keys
 from core.redis_conn import Redis
@@ -115,7 +115,9 @@ class SlackPoster:
             return
         conversation = reply.conversation
         link = await self._permalink(conversation.channel, conversation.thread or reply.reply_to)
-        text = f"{_mention(str(reply.meta.get('mention', '')))}:rotating_light: {reply.text}"
+        # The alert names the customer: their display name is shown, never interpreted.
+        alert = escape(reply.text)
+        text = f"{_mention(str(reply.meta.get('mention', '')))}:rotating_light: {alert}"
         text += (
             f" <{link}|Open the conversation>" if link else f" (channel <#{conversation.channel}>)"
         )

@@ -25,7 +25,9 @@ DEFAULT_KB = "default"
 TEXT_SUFFIXES = {".md", ".markdown", ".txt"}
 FAQ_SUFFIXES = {".yaml", ".yml", ".json"}
 PASSAGE_CHARS = 700  # paragraphs are grouped up to this size; a longer one stands alone
-SPLITTER_VERSION = "1"  # part of the digest: a new splitter re-ingests everything
+SPLITTER_VERSION = "1"
+MAX_FILE_BYTES = 5_000_000
+MAX_FILES = 10_000  # part of the digest: a new splitter re-ingests everything
 _KB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -147,24 +149,73 @@ def split_faq_document(doc_id: str, raw: str, where: str) -> tuple[str, list[Pas
     return "FAQ", passages
 
 
-def read_documents(folder: Path) -> Iterator[Document]:
-    """The documents under `folder` (or the one file `folder` names), sorted by path."""
-    if folder.is_file():
-        files, root = [folder], folder.parent
-    elif folder.is_dir():
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        root = folder
-    else:
-        raise KnowledgeBaseError(f"{folder} does not exist")
-    for path in files:
+def _files_under(folder: Path) -> list[Path]:
+    """The document files under `folder`, none reached through a link that leaves it."""
+    inside = folder.resolve()
+    files = []
+    for path in sorted(folder.rglob("*")):
         suffix = path.suffix.lower()
         if suffix not in TEXT_SUFFIXES | FAQ_SUFFIXES or path.name.startswith("."):
             continue
+        if not path.is_file():
+            continue
+        if not path.resolve().is_relative_to(inside):
+            log.warning("%s links outside %s: skipped", path, folder)
+            continue
+        files.append(path)
+        if len(files) > MAX_FILES:
+            raise KnowledgeBaseError(
+                f"{folder} holds more than {MAX_FILES} documents: split it into several "
+                "knowledge bases (`chatbot kb ingest PATH --kb NAME`)"
+            )
+    return files
+
+
+def read_text_file(path: Path) -> str | None:
+    """The text of a document: UTF-8 (with or without a BOM), UTF-16 with a BOM, else
+    Windows-1252 / Latin-1 (with a warning). None for a file too large to be one."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            log.warning(
+                "%s is %d MB, over the %d MB a document may have: skipped",
+                path,
+                size // 1_000_000,
+                MAX_FILE_BYTES // 1_000_000,
+            )
+            return None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KnowledgeBaseError(f"cannot read {path}: {exc}") from exc
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        log.warning("%s is not UTF-8: read as Windows-1252", path)
+        return data.decode("cp1252", errors="replace")
+
+
+def read_documents(folder: Path) -> Iterator[Document]:
+    """The documents under `folder` (or the one file `folder` names), sorted by path."""
+    if folder.is_file():
+        if folder.suffix.lower() not in TEXT_SUFFIXES | FAQ_SUFFIXES:
+            raise KnowledgeBaseError(
+                f"{folder}: not a document this knowledge base reads "
+                f"({', '.join(sorted(TEXT_SUFFIXES | FAQ_SUFFIXES))})"
+            )
+        files, root = [folder], folder.parent
+    elif folder.is_dir():
+        root = folder
+        files = _files_under(folder)
+    else:
+        raise KnowledgeBaseError(f"{folder} does not exist")
+    for path in files:
         doc_id = path.relative_to(root).as_posix()
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KnowledgeBaseError(f"cannot read {path}: {exc}") from exc
+        raw = read_text_file(path)
+        if raw is None:
+            continue
+        suffix = path.suffix.lower()
         if suffix in FAQ_SUFFIXES:
             title, passages = split_faq_document(doc_id, raw, str(path))
         else:

@@ -38,7 +38,11 @@ class WorkspaceConfig:
     support_mention: str
     channels: frozenset[str]
 
+    served: bool = True  # False: CHATBOT_WORKSPACES=listed and `chatbot workspace` lacks it
+
     def allows(self, channel: str, *, direct: bool) -> bool:
+        if not self.served:
+            return False
         return direct or not self.channels or channel in self.channels
 
 
@@ -76,6 +80,7 @@ class Workspaces:
             support_channel=o.get("support_channel", s.support_channel),
             support_mention=o.get("support_mention", s.support_mention),
             channels=channels,
+            served=s.workspaces == "open" or bool(o),
         )
 
     async def set(self, platform: str, workspace: str, values: dict[str, str]) -> None:
