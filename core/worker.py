@@ -59,6 +59,9 @@ from core.support.workspaces import Workspaces
 log = logging.getLogger(__name__)
 
 STEP_FAILURE_PAUSE_S = 1.0
+# Jobs read (and kept claimed) ahead of the batch, in batches: enough to fill a batch fairly
+# in a flood; more would leave other workers idle while this one holds the queue.
+READ_AHEAD_BATCHES = 4
 
 
 @dataclass
@@ -175,8 +178,8 @@ class Worker:
         waiting = {job.entry_id: job for job in [*self._waiting.values(), *await self._reclaim()]}
         self._deferred.clear()
         self._waiting.clear()
-        # Read ahead of the batch (up to twice its size) so that it can be filled fairly.
-        room = 2 * s.max_batch_size - len(waiting)
+        # Read ahead of the batch so that it can be filled fairly.
+        room = READ_AHEAD_BATCHES * s.max_batch_size - len(waiting)
         if room > 0:
             new = await self.queue.read_jobs(room, 200 if waiting or locked else 1000)
             if new and len(new) < room:
