@@ -4,6 +4,7 @@ with a real Redis and a real worker."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -545,3 +546,26 @@ async def test_who_may_act_as_the_support_team_on_discord(support_bot: Harness) 
     reset = await emulator.send_interaction("reset", channel_id=tid, user_id=BOB_ID)
     await emulator.wait_for(lambda: emulator.interaction_replies(reset) == [RESET_DONE], 10)
     assert await store.history(conversation) == []
+
+
+async def test_odd_messages_and_clicks_never_stop_the_adapter(discord_bot: Harness) -> None:
+    """Seeded fuzz through the real discord.py client: odd texts (markup, special tokens,
+    invisible characters, huge); then a sentinel is answered."""
+    rng = random.Random(1201)
+    pieces = [BOT, "<@&1>", "@everyone", "<|im_start|>", "```", "\u202e", "\u200b", "😀", "x"]
+    emulator = discord_bot.emulator
+    for i in range(40):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        if i % 10 == 0:
+            text += "y" * 5000
+        await emulator.send_message(CHANNEL, f"{BOT} {text}", author_id=BOB_ID)
+    await discord_bot.wait_sent(CHANNEL, 1)
+    sentinel = await emulator.send_message(CHANNEL, f"{BOT} sentinel", author_id=ANN_ID)
+    await emulator.wait_for(
+        lambda: any(
+            str((s.get("message_reference") or {}).get("message_id")) == sentinel["id"]
+            for s in discord_bot.sent_in(CHANNEL)
+        ),
+        30,
+    )
+    assert not any(t.done() for t in discord_bot.tasks)  # adapter and worker still running

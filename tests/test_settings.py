@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,25 @@ def test_dotenv_garbage_line_names_the_line(tmp_path: Path) -> None:
 )
 def test_user_rate_is_a_count_per_period(value: str, expected: tuple[int, float]) -> None:
     assert Settings.from_mapping({"CHATBOT_USER_RATE": value}).user_rate == expected
+
+
+@pytest.mark.parametrize(("flag", "library_level"), [("off", logging.INFO), ("on", logging.NOTSET)])
+def test_platform_request_bodies_are_logged_only_when_asked(flag: str, library_level: int) -> None:
+    from bot.cli import PLATFORM_LOGGERS, _setup_logging
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    libraries = [logging.getLogger(name) for name in PLATFORM_LOGGERS]
+    try:
+        for library in libraries:
+            library.setLevel(logging.NOTSET)
+        settings = Settings.from_mapping(
+            {"CHATBOT_LOG_LEVEL": "DEBUG", "CHATBOT_LOG_PLATFORM_BODIES": flag}
+        )
+        _setup_logging(settings, quiet_console=False)
+        assert [library.level for library in libraries] == [library_level] * len(libraries)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        for library in libraries:
+            library.setLevel(logging.NOTSET)

@@ -13,7 +13,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+from slack_bolt.request.async_request import AsyncBoltRequest
 
+from bot.slack.adapter import _well_formed
+from bot.slack.requests import problem_with
 from core.redis_conn import connect
 from core.redis_server import RedisServer
 from tests import test_slack
@@ -159,3 +165,41 @@ async def test_mentions_across_redis_restarts_are_answered_exactly_once(
         await redis.aclose()
     assert all(s[-1] == 200 for s in statuses)
     assert any(len(s) > 1 for s in statuses), "no delivery met Redis down: test proves nothing"
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_ENVELOPE_KEYS = st.sampled_from(
+    ["type", "team_id", "event", "authorizations", "event_id", "api_app_id", "enterprise_id"]
+)
+_EVENT_KEYS = st.sampled_from(["type", "user", "text", "ts", "channel", "thread_ts", "team"])
+
+
+@hyp_settings(max_examples=400, deadline=None)
+@given(
+    envelope=st.dictionaries(_ENVELOPE_KEYS, _JSON, max_size=7),
+    event=st.dictionaries(_EVENT_KEYS, _JSON, max_size=7),
+)
+def test_what_passes_the_check_is_what_bolt_and_the_listeners_can_read(
+    envelope: dict[str, Any], event: dict[str, Any]
+) -> None:
+    """Any envelope: the check never raises; one it lets through has the types bolt reads,
+    and a message event the listener accepts has every field it uses."""
+    envelope = {**envelope, "event": event} if "event" not in envelope else envelope
+    body = json.dumps(envelope).encode()
+    headers = {"X-Slack-Request-Timestamp": "1700000000", "Content-Type": "application/json"}
+    found = problem_with(headers, body)
+    if found is not None:
+        assert 400 <= found[0] < 500
+        return
+    # bolt builds its request context from what passes, before any listener runs.
+    AsyncBoltRequest(body=body.decode(), headers={k: [v] for k, v in headers.items()})
+    if isinstance(envelope.get("event"), dict):
+        inner = envelope["event"]
+        if _well_formed(inner):
+            assert all(isinstance(inner[k], str) and inner[k] for k in ("user", "ts", "channel"))

@@ -1,6 +1,11 @@
+import asyncio
 from typing import Any
+from uuid import uuid4
 
 import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.conversation import ConversationKey, Message, Reply, Role
 from core.keys import POSTED_TTL_S, Keys
@@ -123,3 +128,42 @@ async def test_reset_keeps_the_numbering_so_reply_ids_never_repeat(
     # The numbering outlives the outbox's record of posted replies, even when the
     # history expires sooner.
     assert await redis.ttl(store.keys.state(CONV)) > POSTED_TTL_S - 60
+
+
+_NAMES = st.text(max_size=40)
+_TEXTS = st.text(min_size=1, max_size=300).filter(lambda t: t.strip() != "")
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(texts=st.lists(_TEXTS, min_size=1, max_size=4), name=_NAMES)
+def test_any_text_survives_the_store_scripts(
+    redis_server: Any, texts: list[str], name: str
+) -> None:
+    """Messages go through Lua's cjson on the way in (and on commit and forget): whatever
+    a user types comes back as it was, in order, numbered."""
+
+    async def round_trip() -> None:
+        client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        store = make_store(
+            client, Settings.from_mapping({"CHATBOT_NAMESPACE": f"p{uuid4().hex[:8]}"})
+        )
+        try:
+            conv = ConversationKey("slack", "T1", "C1", uuid4().hex)
+            for i, text in enumerate(texts):
+                msg = Message(Role.USER, text, "u1", name, f"m{i}", 0.0)
+                await store.add_message(conv, msg)
+            reply = Reply(f"{conv.id}:{len(texts)}", conv, texts[-1], "m0", len(texts))
+            assert await store.commit_reply(
+                reply, Message(Role.ASSISTANT, texts[-1], "a", "A", "r", 0.0)
+            )
+            history = await store.history(conv)
+            assert [m.text for m in history] == [*texts, texts[-1]]
+            assert [m.seq for m in history] == list(range(1, len(texts) + 2))
+            assert {m.author_name for m in history if m.role is Role.USER} <= {name}
+            assert (await store.state(conv)).pending_reply == reply
+        finally:
+            await client.aclose()
+
+    asyncio.run(round_trip())

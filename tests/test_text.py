@@ -1,3 +1,8 @@
+import unicodedata
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from core.text import TRUNCATION_NOTE, clean_name, clean_user_text
 
 
@@ -48,3 +53,14 @@ def test_names_are_one_visible_bounded_line() -> None:
     assert clean_name("  Ann\u202e\n<@U1>\t ") == "Ann <@U1>"
     assert len(clean_name("x" * 500)) == 80
     assert clean_name("\u200b\u200b") == "someone"
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.text(max_size=300), limit=st.integers(min_value=1, max_value=200))
+def test_cleaning_any_text_is_bounded_and_visible(raw: str, limit: int) -> None:
+    clean = clean_user_text(raw, limit)
+    assert len(clean.text) <= limit + len(TRUNCATION_NOTE)
+    assert not any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\n\t" for c in clean.text)
+    assert "\u202e" not in clean.text and "\u200b" not in clean.text
+    name = clean_name(raw)
+    assert 0 < len(name) <= 80 and "\n" not in name

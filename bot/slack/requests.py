@@ -103,7 +103,8 @@ def _check_object(
     wrong = _wrongly_typed(data, fields)
     if isinstance(data.get("event"), dict):
         wrong += [f"event.{k}" for k in _wrongly_typed(data["event"], INNER_EVENT_FIELDS)]
-    for n, item in enumerate(data.get("authorizations") or []):
+    authorizations = data.get("authorizations")
+    for n, item in enumerate(authorizations if isinstance(authorizations, list) else []):
         if not isinstance(item, dict):
             wrong.append(f"authorizations[{n}]")
         else:
