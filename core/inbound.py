@@ -85,24 +85,15 @@ async def submit_user_message(
     retry = Retry(stop, give_up_at)
     config, handoff = await _conversation_settings(store, conversation, retry)
     if not config.allows(conversation.channel, direct=direct):
-        log.debug(
-            "%s: %s",
-            conversation.id,
-            "channel not enabled for the bot in this workspace"
-            if config.served
-            else "workspace not listed (CHATBOT_WORKSPACES=listed): ignored",
-        )
+        why = "channel not enabled" if config.served else "workspace not listed"
+        log.debug("%s: %s (workspace settings, CHATBOT_WORKSPACES)", conversation.id, why)
         return Submission(Outcome.NOT_ALLOWED)
     clean = clean_user_text(text, max_chars)
     if not clean.text:
         return Submission(Outcome.REJECTED, reply_text=EMPTY_MESSAGE_REPLY)
     if clean.truncated:
         log.info(
-            "message %s in %s shortened from %d to %d characters",
-            message_id,
-            conversation.id,
-            clean.original_chars,
-            max_chars,
+            "message %s in %s shortened to %d characters", message_id, conversation.id, max_chars
         )
     agent = handoff is not None and author_is_agent
     if handoff is None:
