@@ -21,6 +21,9 @@ from core.redis_conn import Redis
 
 log = logging.getLogger(__name__)
 
+WAITING_CONSUMER = "waiting-their-turn"  # owns the jobs read ahead and parked (`park`)
+PARKED_CLAIM_MIN_IDLE_MS = 50
+
 Entry = tuple[str, dict[str, str]]
 
 
@@ -130,9 +133,11 @@ class JobQueue:
         Returns (entry id, fields, deliveries counting this one). Entries whose data was
         trimmed away come back with empty fields.
         """
-        pending: Any = await self.redis.xpending_range(
+        found: Any = await self.redis.xpending_range(
             self.keys.jobs, WORKER_GROUP, min="-", max="+", count=count, idle=min_idle_ms
         )
+        # Jobs waiting their turn (`park`) were left by no one: `take_parked` has them.
+        pending = [p for p in found or [] if p["consumer"] != WAITING_CONSUMER]
         if not pending:
             return []
         deliveries = {p["message_id"]: int(p["times_delivered"]) + 1 for p in pending}
@@ -144,6 +149,53 @@ class JobQueue:
         for entry_id, fields in claimed:
             out.append((entry_id, fields or {}, deliveries.get(entry_id, 1)))
         return out
+
+    async def park(self, jobs: list[Job]) -> None:
+        """Put jobs read but not taken into this batch where every worker can take them
+        (`take_parked`): owned by the pseudo-consumer `WAITING_CONSUMER`, with their
+        delivery count unchanged."""
+        if jobs:
+            ids: list[Any] = [j.entry_id for j in jobs]
+            await self.redis.xclaim(
+                self.keys.jobs, WORKER_GROUP, WAITING_CONSUMER, 0, ids, justid=True
+            )
+
+    async def take_parked(self, count: int) -> list[Job]:
+        """Up to `count` parked jobs, oldest first, now this consumer's. Two workers never
+        both get one: a claim needs it idle for PARKED_CLAIM_MIN_IDLE_MS, and resets that."""
+        if count <= 0:
+            return []
+        pending: Any = await self.redis.xpending_range(
+            self.keys.jobs,
+            WORKER_GROUP,
+            min="-",
+            max="+",
+            count=count,
+            consumername=WAITING_CONSUMER,
+        )
+        if not pending:
+            return []
+        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        ids: list[Any] = list(deliveries)
+        taken: Any = await self.redis.xclaim(
+            self.keys.jobs,
+            WORKER_GROUP,
+            self.consumer,
+            PARKED_CLAIM_MIN_IDLE_MS,
+            ids,
+            justid=True,
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in taken:
+                pipe.xrange(self.keys.jobs, entry_id, entry_id)
+            found: list[Any] = await pipe.execute()
+        jobs = []
+        for entry_id, entries in zip(taken, found, strict=True):
+            fields = entries[0][1] if entries else {}
+            job = await self._parse(str(entry_id), fields, max(deliveries.get(entry_id, 1), 1))
+            if job is not None:
+                jobs.append(job)
+        return jobs
 
     async def touch(self, entry_ids: list[Any]) -> None:
         """Reset the idle time of jobs this consumer is still working on, and only of those

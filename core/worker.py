@@ -59,9 +59,9 @@ from core.support.workspaces import Workspaces
 log = logging.getLogger(__name__)
 
 STEP_FAILURE_PAUSE_S = 1.0
-# Jobs read (and kept claimed) ahead of the batch, in batches: enough to fill a batch fairly
-# in a flood; more would leave other workers idle while this one holds the queue.
-READ_AHEAD_BATCHES = 4
+# Jobs read ahead of the batch, in batches, to fill it fairly in a flood; those not taken
+# are parked where every worker can take them (`JobQueue.park`).
+READ_AHEAD_BATCHES = 8
 
 
 @dataclass
@@ -103,7 +103,6 @@ class Worker:
         )
         self.stopping = asyncio.Event()
         self._deferred: dict[str, Job] = {}  # their conversation was locked by another
-        self._waiting: dict[str, Job] = {}  # read, waiting their fair turn in a batch
         self._in_flight: dict[str, Prepared] = {}
         self._last_reclaim = 0.0
         self.liveness = Liveness(
@@ -172,14 +171,15 @@ class Worker:
     async def _collect(self) -> list[Job]:
         """Jobs to prepare now: those whose conversation was locked last time (they take
         no room: the read below always waits for new work instead of spinning on them),
-        and a fair share (`fair_share`) of those waiting their turn, reclaimed and new."""
+        and a fair share (`fair_share`) of the waiting ones: parked, reclaimed and new.
+        The rest are parked again, where any worker takes them next."""
         s = self.settings
         locked = list(self._deferred.values())
-        waiting = {job.entry_id: job for job in [*self._waiting.values(), *await self._reclaim()]}
         self._deferred.clear()
-        self._waiting.clear()
-        # Read ahead of the batch so that it can be filled fairly.
-        room = READ_AHEAD_BATCHES * s.max_batch_size - len(waiting)
+        ahead = READ_AHEAD_BATCHES * s.max_batch_size
+        waiting = {job.entry_id: job for job in await self.queue.take_parked(ahead)}
+        waiting.update((job.entry_id, job) for job in await self._reclaim())
+        room = ahead - len(waiting)
         if room > 0:
             new = await self.queue.read_jobs(room, 200 if waiting or locked else 1000)
             if new and len(new) < room:
@@ -195,7 +195,7 @@ class Worker:
                 runnable.append(job)
         fresh = [job for job in runnable if job not in locked]
         batch, later = fair_share(fresh, s.max_batch_size)
-        self._waiting.update((job.entry_id, job) for job in later)
+        await self.queue.park(later)
         return [*(job for job in runnable if job in locked), *batch]
 
     async def _reclaim(self) -> list[Job]:
@@ -425,7 +425,7 @@ class Worker:
             await self.delivery.dead_letter(job, reason)
 
     def _owned_jobs(self) -> list[str]:
-        entry_ids = [*self._deferred, *self._waiting]
+        entry_ids = list(self._deferred)
         for item in list(self._in_flight.values()):
             entry_ids += [j.entry_id for j in item.jobs]
         return entry_ids

@@ -5,7 +5,6 @@ discord.py against the emulator, a real redis-server SIGKILLed and restarted."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,23 +20,19 @@ restore_discord_globals = test_discord.restore_discord_globals  # autouse here t
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
+async def harness_on(server: RedisServer, redis: Any, make_settings: Any, tiny_engine: Any) -> Any:
+    return await make_harness(
+        redis,
+        lambda **o: make_settings(REDIS_URL=server.url, **o),
+        ScriptedEngine(tiny_engine, echo_answer),
+    )
 
 
 async def test_messages_across_redis_restarts_are_answered_exactly_once(
     own_redis: RedisServer, make_settings: Any, tiny_engine: Any
 ) -> None:
     redis = connect(own_redis.url)
-    harness = await make_harness(
-        redis,
-        lambda **o: make_settings(REDIS_URL=own_redis.url, **o),
-        ScriptedEngine(tiny_engine, echo_answer),
-    )
+    harness = await harness_on(own_redis, redis, make_settings, tiny_engine)
     try:
         questions = []
         for i in range(10):
@@ -67,11 +62,7 @@ async def test_thread_follow_ups_sent_while_redis_is_down_are_answered(
 ) -> None:
     """A follow-up in a thread the bot joined needs Redis even to be recognised as one."""
     redis = connect(own_redis.url)
-    harness = await make_harness(
-        redis,
-        lambda **o: make_settings(REDIS_URL=own_redis.url, **o),
-        ScriptedEngine(tiny_engine, echo_answer),
-    )
+    harness = await harness_on(own_redis, redis, make_settings, tiny_engine)
     emulator = harness.emulator
     try:
         threads = [(await emulator.create_thread(CHANNEL, f"topic {i}"))["id"] for i in range(4)]

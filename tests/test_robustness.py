@@ -156,3 +156,36 @@ async def test_a_reply_that_keeps_failing_to_post_ends_in_the_dead_letters(
     assert dead["source"] == keys.outbox("test") and "rejected" in dead["reason"]
     groups = await redis.xinfo_groups(keys.outbox("test"))
     assert groups[0]["pending"] == 0
+
+
+async def test_jobs_waiting_their_turn_are_shared_by_every_worker(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> None:
+    """A flood read ahead by one worker is parked, not hoarded: a second worker takes
+    from it, nothing is answered twice, and no delivery is counted for the parking."""
+    settings = make_settings(CHATBOT_MAX_BATCH_SIZE="2", CHATBOT_USER_RATE="1000/min")
+    keys = Keys(settings.namespace)
+    convs = [ConversationKey("test", "W1", "C1", f"flood-{i}") for i in range(10)]
+    for i, conv in enumerate(convs):
+        await submit(redis, settings, conv, f"question {i}", f"m{i}", author="flooder")
+    first = Worker(redis, settings, RecordingEngine(tiny_engine))
+    second = Worker(redis, settings, RecordingEngine(tiny_engine))
+    await first.queue.ensure_group()
+    await first.step()  # reads all 10, answers 2, parks 8
+    parked = await redis.xpending_range(
+        keys.jobs, WORKER_GROUP, min="-", max="+", count=20, consumername="waiting-their-turn"
+    )
+    assert len(parked) == 8 and all(p["times_delivered"] == 1 for p in parked)
+    await asyncio.sleep(0.1)  # a parked job may be claimed once idle 50 ms (no double take)
+    await second.step()  # the second worker takes its share of them
+    assert len(second.engine.requests) == 2  # type: ignore[attr-defined]
+    while len(await outbox(redis, settings)) < 10:
+        await first.step()
+    replies = await outbox(redis, settings)
+    assert sorted(r.conversation.thread for r in replies) == sorted(c.thread for c in convs)
+    assert await redis.xpending(keys.jobs, WORKER_GROUP) == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }

@@ -118,14 +118,6 @@ async def test_fuzzed_events_never_get_a_5xx(slack: Harness) -> None:
     await slack.wait_thread("C1", mention["ts"], lambda t: any("Answer" in x for x in t))
 
 
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.slow
 async def test_mentions_across_redis_restarts_are_answered_exactly_once(
     own_redis: RedisServer, make_settings: Any, tiny_engine: Any, tmp_path: Path
