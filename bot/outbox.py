@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from core.conversation import Reply
 from core.jobs import consumer_name, trim_acknowledged
 from core.keys import DEAD_LETTER_MAXLEN, POSTED_TTL_S, TRIM_EVERY_S, Keys, adapter_group
-from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis
+from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis, with_retry
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,17 @@ class PostedParts:
         self.done = done
 
     async def record(self, part: int, message_id: str) -> None:
+        """Remember a part just posted. It is on the platform already, so this waits for
+        Redis rather than fail: a reply whose post is not recorded would be posted again."""
         self.done[part] = message_id
-        await self.redis.hset(self.key, str(part), message_id)
-        await self.redis.expire(self.key, POSTED_TTL_S)
+
+        async def save() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.key, str(part), message_id)
+                pipe.expire(self.key, POSTED_TTL_S)
+                await pipe.execute()
+
+        await with_retry("recording a posted part", save)
 
 
 class OutboxConsumer:

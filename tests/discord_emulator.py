@@ -326,6 +326,7 @@ class DiscordEmulator:
         self.guilds: dict[str, _Guild] = {}
         self.channels: dict[str, JsonDict] = {}
         self._messages: dict[str, JsonDict] = {}
+        self._nonces: dict[tuple[str, str], str] = {}  # (channel, nonce) -> message id
         self._dm_channels: dict[str, str] = {}  # user id -> DM channel id
         self._commands: dict[str | None, dict[str, JsonDict]] = {}  # guild id -> name -> cmd
         self._interactions: dict[str, _Interaction] = {}  # token -> interaction
@@ -1535,6 +1536,13 @@ class DiscordEmulator:
                     "message_reference", "MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "Unknown message"
                 )
             reference = {"channel_id": channel_id, **reference}
+        nonce = body.get("nonce")
+        if body.get("enforce_nonce") and nonce is not None:
+            # As Discord does: the same nonce again (within minutes) returns the message
+            # already created instead of a second one.
+            earlier = self._nonces.get((channel_id, str(nonce)))
+            if earlier is not None and earlier in self._messages:
+                return 200, self._messages[earlier]
         content = body.get("content") or ""
         attachments = [
             {**f, "id": self.next_id(), "url": f"https://cdn.invalid/{f['filename']}"}
@@ -1555,6 +1563,8 @@ class DiscordEmulator:
             flags=int(body.get("flags") or 0),
             extra={"nonce": body["nonce"]} if body.get("nonce") is not None else None,
         )
+        if nonce is not None:
+            self._nonces[(channel_id, str(nonce))] = message["id"]
         self.sent.append(
             {
                 "id": message["id"],

@@ -569,3 +569,26 @@ async def test_odd_messages_and_clicks_never_stop_the_adapter(discord_bot: Harne
         30,
     )
     assert not any(t.done() for t in discord_bot.tasks)  # adapter and worker still running
+
+
+async def test_a_part_posted_again_after_a_crash_is_not_doubled(discord_bot: Harness) -> None:
+    """A reply posted but not yet recorded when the adapter died goes out again: Discord
+    (here its emulator) drops the second copy by its nonce."""
+    emulator = discord_bot.emulator
+    question = await emulator.send_message(CHANNEL, f"{BOT} hello")
+    [first] = await discord_bot.wait_sent(CHANNEL, 1)
+    conversation = ConversationKey("discord", GUILD, CHANNEL, question["id"])
+    keys = Keys(discord_bot.settings.namespace)
+    history = await make_store(discord_bot.redis, discord_bot.settings).history(conversation)
+    answer = history[-1]  # the outbox entry itself is trimmed once acknowledged
+    reply = Reply(answer.message_id, conversation, answer.text, question["id"], 1)
+    await discord_bot.redis.delete(keys.posted(conversation, reply.reply_id))  # "not recorded"
+    await Outbox(discord_bot.redis, keys).publish(reply)
+    sentinel = await emulator.send_message(CHANNEL, f"{BOT} sentinel")
+    await emulator.wait_for(
+        lambda: any(s["content"] == "Answer to: sentinel" for s in discord_bot.sent_in(CHANNEL)),
+        30,
+    )
+    assert [m["id"] for m in discord_bot.sent_in(CHANNEL)].count(first["id"]) == 1
+    assert emulator.messages_in(CHANNEL) == ["Answer to: hello", "Answer to: sentinel"]
+    assert sentinel["id"]

@@ -292,7 +292,7 @@ class DiscordAdapter:
                     if (await self.store.state(conversation)).answered >= seq:
                         return
                     await asyncio.sleep(0.5)
-        except (discord.HTTPException, OSError) as exc:
+        except (discord.HTTPException, *TRANSIENT_ERRORS) as exc:
             log.debug("typing indicator in %s stopped: %s", conversation.id, exc)
 
     # -- running ------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 
@@ -74,6 +75,9 @@ class DiscordPoster:
             try:
                 sent = await channel.send(
                     chunk,
+                    # Discord drops a second message with the same nonce (enforce_nonce):
+                    # a part posted just before a crash is not posted twice.
+                    nonce=part_nonce(reply.reply_id, index),
                     reference=reference if index == 0 else None,  # type: ignore[arg-type]
                     allowed_mentions=REPLY_MENTIONS,
                     view=view,  # type: ignore[arg-type]
@@ -144,6 +148,12 @@ class DiscordPoster:
         return f"<@{mention_id}> ", discord.AllowedMentions(
             everyone=False, roles=False, users=[who], replied_user=False
         )
+
+
+def part_nonce(reply_id: str, part: int) -> str:
+    """A stable nonce for one part of one reply (Discord allows 25 characters)."""
+    digest = hashlib.sha256(f"{reply_id}#{part}".encode()).hexdigest()
+    return str(int(digest[:16], 16))[:25]
 
 
 def jump_link(conversation: ConversationKey, reply_to: str) -> str:
