@@ -28,11 +28,12 @@ from dataclasses import dataclass
 
 from redis.exceptions import ResponseError
 
+from core.collecting import Collector
 from core.conversation import ConversationKey, Message, ReplyId, Role
 from core.delivery import Delivery, reply_to
 from core.generation.engine import Engine, Generation, GenerationRequest
 from core.generation.prompt import build_prompt
-from core.jobs import Job, JobQueue, Outbox, consumer_name, fair_share
+from core.jobs import Job, JobQueue, Outbox, consumer_name
 from core.keys import Keys
 from core.knowledge.retrieval import Retriever
 from core.liveness import Liveness
@@ -59,9 +60,6 @@ from core.support.workspaces import Workspaces
 log = logging.getLogger(__name__)
 
 STEP_FAILURE_PAUSE_S = 1.0
-# Jobs read ahead of the batch, in batches, to fill it fairly in a flood; those not taken
-# are parked where every worker can take them (`JobQueue.park`).
-READ_AHEAD_BATCHES = 8
 
 
 @dataclass
@@ -102,9 +100,8 @@ class Worker:
             settings, workspaces, self.handoffs, self.forget_requests, retriever
         )
         self.stopping = asyncio.Event()
-        self._deferred: dict[str, Job] = {}  # their conversation was locked by another
+        self.collector = Collector(self.queue, settings, self._give_up)
         self._in_flight: dict[str, Prepared] = {}
-        self._last_reclaim = 0.0
         self.liveness = Liveness(
             self.queue,
             self.store,
@@ -158,7 +155,7 @@ class Worker:
 
     async def step(self) -> int:
         """Collect a batch of jobs, answer them, and return how many jobs were handled."""
-        jobs = await self._collect()
+        jobs = await self.collector.collect()
         if not jobs:
             return 0
         prepared = await self._prepare(jobs)
@@ -167,45 +164,6 @@ class Worker:
         return len(jobs)
 
     # -- collecting -------------------------------------------------------------------
-
-    async def _collect(self) -> list[Job]:
-        """Jobs to prepare now: those whose conversation was locked last time (they take
-        no room: the read below always waits for new work instead of spinning on them),
-        and a fair share (`fair_share`) of the waiting ones: parked, reclaimed and new.
-        The rest are parked again, where any worker takes them next."""
-        s = self.settings
-        locked = list(self._deferred.values())
-        self._deferred.clear()
-        ahead = READ_AHEAD_BATCHES * s.max_batch_size
-        waiting = {job.entry_id: job for job in await self.queue.take_parked(ahead)}
-        waiting.update((job.entry_id, job) for job in await self._reclaim())
-        room = ahead - len(waiting)
-        if room > 0:
-            new = await self.queue.read_jobs(room, 200 if waiting or locked else 1000)
-            if new and len(new) < room:
-                # A short pause lets the rest of a burst arrive and join this batch.
-                await asyncio.sleep(s.batch_wait_ms / 1000)
-                new += await self.queue.read_jobs(room - len(new), block_ms=None)
-            waiting.update((job.entry_id, job) for job in new)
-        runnable = []
-        for job in [*locked, *waiting.values()]:
-            if job.deliveries > s.max_deliveries:
-                await self._give_up(job, f"delivered {job.deliveries - 1} times without success")
-            elif job.entry_id not in self._deferred:
-                runnable.append(job)
-        fresh = [job for job in runnable if job not in locked]
-        batch, later = fair_share(fresh, s.max_batch_size)
-        await self.queue.park(later)
-        return [*(job for job in runnable if job in locked), *batch]
-
-    async def _reclaim(self) -> list[Job]:
-        """Jobs other workers left unfinished, looked for every `reclaim_idle_s / 2`."""
-        s = self.settings
-        now = time.monotonic()
-        if now - self._last_reclaim < s.reclaim_idle_s / 2:
-            return []
-        self._last_reclaim = now
-        return await self.queue.claim_stale_jobs(int(s.reclaim_idle_s * 1000), s.max_batch_size)
 
     # -- preparing: lock, settle what is done, ask the policy ---------------------------
 
@@ -241,7 +199,7 @@ class Worker:
             )
             if not lock.held:
                 for job in jobs:  # another worker is answering; look again next step
-                    self._deferred[job.entry_id] = job
+                    self.collector.defer(job)
                 return None
             waiting = await self._settle(conversation, jobs)
             history = await self._history_for(conversation, waiting) if waiting else None
@@ -420,12 +378,12 @@ class Worker:
         """Dead-letter a job and apologise, once, under the conversation lock."""
         async with self.store.lock(job.conversation, self.settings.lock_ttl_s) as lock:
             if not lock.held:
-                self._deferred[job.entry_id] = job  # its conversation is busy: next step
+                self.collector.defer(job)  # its conversation is busy: next step
                 return
             await self.delivery.dead_letter(job, reason)
 
     def _owned_jobs(self) -> list[str]:
-        entry_ids = list(self._deferred)
+        entry_ids = list(self.collector.deferred)
         for item in list(self._in_flight.values()):
             entry_ids += [j.entry_id for j in item.jobs]
         return entry_ids

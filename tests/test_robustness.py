@@ -108,7 +108,7 @@ async def test_deferred_jobs_take_no_room_and_the_read_still_waits(
 
     worker.queue.read_jobs = read_jobs  # type: ignore[method-assign]
     await worker.step()  # reads both, both deferred
-    assert len(worker._deferred) == 2
+    assert len(worker.collector.deferred) == 2
     await submit(redis, settings, A, "a new question", "a1")
     before = len(reads)
     await worker.step()

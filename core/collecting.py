@@ -1,0 +1,75 @@
+"""Which jobs a worker prepares next.
+
+Those whose conversation was locked by another worker last time come back (they take no
+room in the batch, so the read always waits for new work instead of spinning on them);
+then a fair share (`fair_share`: user by user) of the waiting ones: parked, reclaimed from
+dead workers, and new. The rest are parked again, where any worker takes them next. A job
+delivered more than `max_deliveries` times is given up (dead letter and apology).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from core.jobs import Job, JobQueue, fair_share
+from core.settings import Settings
+
+# Jobs read ahead of the batch, in batches, to fill it fairly in a flood; those not taken
+# are parked where every worker can take them (`JobQueue.park`).
+READ_AHEAD_BATCHES = 8
+
+
+class Collector:
+    def __init__(
+        self,
+        queue: JobQueue,
+        settings: Settings,
+        give_up: Callable[[Job, str], Awaitable[None]],
+    ) -> None:
+        self.queue = queue
+        self.settings = settings
+        self.give_up = give_up
+        self.deferred: dict[str, Job] = {}  # their conversation was locked by another
+        self._last_reclaim = 0.0
+
+    def defer(self, job: Job) -> None:
+        """Try `job` again next time (its conversation is busy)."""
+        self.deferred[job.entry_id] = job
+
+    async def collect(self) -> list[Job]:
+        """The jobs to prepare now (see the module's docstring)."""
+        s = self.settings
+        locked = list(self.deferred.values())
+        self.deferred.clear()
+        ahead = READ_AHEAD_BATCHES * s.max_batch_size
+        waiting = {job.entry_id: job for job in await self.queue.take_parked(ahead)}
+        waiting.update((job.entry_id, job) for job in await self._reclaim())
+        room = ahead - len(waiting)
+        if room > 0:
+            new = await self.queue.read_jobs(room, 200 if waiting or locked else 1000)
+            if new and len(new) < room:
+                # A short pause lets the rest of a burst arrive and join this batch.
+                await asyncio.sleep(s.batch_wait_ms / 1000)
+                new += await self.queue.read_jobs(room - len(new), block_ms=None)
+            waiting.update((job.entry_id, job) for job in new)
+        runnable = []
+        for job in [*locked, *waiting.values()]:
+            if job.deliveries > s.max_deliveries:
+                await self.give_up(job, f"delivered {job.deliveries - 1} times without success")
+            elif job.entry_id not in self.deferred:
+                runnable.append(job)
+        fresh = [job for job in runnable if job not in locked]
+        batch, later = fair_share(fresh, s.max_batch_size)
+        await self.queue.park(later)
+        return [*(job for job in runnable if job in locked), *batch]
+
+    async def _reclaim(self) -> list[Job]:
+        """Jobs other workers left unfinished, looked for every `reclaim_idle_s / 2`."""
+        s = self.settings
+        now = time.monotonic()
+        if now - self._last_reclaim < s.reclaim_idle_s / 2:
+            return []
+        self._last_reclaim = now
+        return await self.queue.claim_stale_jobs(int(s.reclaim_idle_s * 1000), s.max_batch_size)
