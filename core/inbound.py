@@ -69,7 +69,7 @@ async def submit_user_message(
     stop: asyncio.Event | None = None,
     give_up_after_s: float | None = None,
     direct: bool = False,
-    author_is_agent: bool = False,
+    is_agent: Callable[[], Awaitable[bool]] | None = None,
 ) -> Submission:
     """Persist the message in its conversation and enqueue a job for it, exactly once.
 
@@ -77,7 +77,8 @@ async def submit_user_message(
     message stored but not yet enqueued is enqueued by the retry. `direct` marks a direct
     message, which workspace channel restrictions do not apply to. While a person has the
     conversation, the message is stored and not enqueued; it has the `human_agent` role
-    only when the adapter found its author in the support team (`author_is_agent`).
+    only when `is_agent` (the adapter's look-up of the support team, asked only then)
+    says its author is one.
     Redis calls are retried until `stop` is set or `give_up_after_s` has passed (then the
     Redis error is raised: the platform must deliver the message again).
     """
@@ -95,7 +96,7 @@ async def submit_user_message(
         log.info(
             "message %s in %s shortened to %d characters", message_id, conversation.id, max_chars
         )
-    agent = handoff is not None and author_is_agent
+    agent = handoff is not None and is_agent is not None and await is_agent()
     if handoff is None:
         refused = await _admission(store, queue, conversation, author_id, retry)
         if refused is not None:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -182,9 +183,6 @@ class DiscordAdapter:
         text = re.sub(rf"<@!?{me.id}>", "", message.content)
         # Only the support team's words count as an agent's (and only during a handoff).
         guild = str(message.guild.id) if message.guild else None
-        agent = await self.handoffs.get(conversation) is not None and await is_agent(
-            self.workspaces, self.client, message.author, guild
-        )
         submission = await self.submit(
             conversation,
             message.channel,
@@ -192,7 +190,7 @@ class DiscordAdapter:
             text,
             str(message.id),
             direct=message.guild is None,
-            author_is_agent=agent,
+            is_agent=lambda: is_agent(self.workspaces, self.client, message.author, guild),
             give_up_after_s=max(give_up_at - time.monotonic(), 0.0),
         )
         if submission.reply_text:  # rejected, rate-limited or busy: say so at once
@@ -209,7 +207,7 @@ class DiscordAdapter:
         direct: bool,
         dedupe_id: str | None = None,
         give_up_after_s: float | None = None,
-        author_is_agent: bool = False,
+        is_agent: Callable[[], Awaitable[bool]] | None = None,
     ) -> Submission:
         """Store and enqueue a user's message; show typing until it is answered.
 
@@ -226,7 +224,7 @@ class DiscordAdapter:
             dedupe_id=dedupe_id,
             give_up_after_s=give_up_after_s,
             direct=direct,
-            author_is_agent=author_is_agent,
+            is_agent=is_agent,
         )
         if submission.outcome is Outcome.QUEUED:
             self._show_typing(channel, conversation, submission.seq)

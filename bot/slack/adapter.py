@@ -147,14 +147,12 @@ class SlackAdapter(SlackCommands):
             lambda m: "" if m.group(1) == context.bot_user_id else m.group(0),
             event.get("text", ""),
         )
-        # Only the support team's words count as an agent's (and only during a handoff).
-        handed_off = await self.handoffs.get(conversation) is not None
-        agent = handed_off and await self._is_agent(conversation.workspace, user)
+        # Only the support team's words count as an agent's (asked during a handoff only).
         submission = await submit_user_message(
             self.store,
             self.queue,
             conversation,
-            author_is_agent=agent,
+            is_agent=lambda: self._is_agent(conversation.workspace, user),
             text=text,
             author_id=user,
             author_name=await self._display_name(conversation.workspace, user),
