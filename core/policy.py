@@ -8,9 +8,11 @@ waiting, and asks `AnswerPolicy.decide`. The answer is one plan:
 - `ConfirmForget`: the customer asked to be forgotten; ask them to confirm first;
 - `ForgetUser`: they confirmed; delete their data, then say so;
 - `StartHandoff`: the customer asked for a person; alert the support channel, tell them;
-- `PostText`: a fixed reply with no generation (nothing relevant in the knowledge base);
-- `Generate`: run the model on a system prompt, then `Generate.draft` turns its text
-  into the reply (quoting and citing the knowledge base, dropping invented facts).
+- `PostText`: a reply with no generation: a knowledge-base answer (sentences quoted from
+  the passages, cited), "I don't know" with the offer of a person, a greeting or thanks,
+  or, with no knowledge base loaded, what the assistant can and cannot do;
+- `Generate`: run the model (free chat: only for a team that set its own persona), then
+  `Generate.draft` turns its text into the reply (dropping invented facts).
 """
 
 from __future__ import annotations
@@ -28,15 +30,20 @@ from core.generation.prompt import finalize_reply
 from core.knowledge.answers import (
     DECLINE_TEXT,
     FRUSTRATION_OFFER,
-    GROUNDED_MAX_NEW_TOKENS,
-    MAX_PASSAGES_IN_PROMPT,
+    GOODBYE_TEXT,
+    GREETING_TEXT,
+    NO_DOCUMENTS_TEXT,
+    THANKS_TEXT,
+    TOP_PASSAGES,
+    answer_margin,
+    answerable,
+    choose_sentences,
+    compose_answer,
     compose_chat,
-    compose_grounded,
-    grounded_system,
     retrieval_query,
 )
-from core.knowledge.retrieval import Hit, Retriever
-from core.settings import Settings
+from core.knowledge.retrieval import Retriever, Search
+from core.settings import DEFAULT_PERSONA, Settings
 from core.support.forget import (
     FORGET_CONFIRM_TEXT,
     FORGET_DONE,
@@ -72,6 +79,8 @@ _SMALL_TALK = re.compile(
     r"[\s!.,:)]*$",
     re.IGNORECASE,
 )
+_THANKS = re.compile(r"\b(?:thanks?|thank\s+you|thx|ty|cheers|great|perfect|awesome)\b", re.I)
+_GOODBYE = re.compile(r"\b(?:bye|goodbye|see\s+you)\b", re.IGNORECASE)
 _FRUSTRATED = re.compile(
     r"\b(?:useless|not\s+helpful|unhelpful|ridiculous|frustrat\w*|annoy\w*|angry|furious|"
     r"terrible|awful|stupid|waste\s+of\s+(?:my\s+)?time|doesn'?t\s+help|does\s+not\s+help|"
@@ -88,6 +97,15 @@ def detect_intent(text: str) -> Intent:
     if _SMALL_TALK.match(text):
         return Intent.SMALL_TALK
     return Intent.QUESTION
+
+
+def small_talk_reply(text: str) -> str:
+    """The fixed, fact-free answer to a greeting, thanks or goodbye."""
+    if _GOODBYE.search(text):
+        return GOODBYE_TEXT
+    if _THANKS.search(text):
+        return THANKS_TEXT
+    return GREETING_TEXT
 
 
 def is_frustrated(text: str) -> bool:
@@ -143,17 +161,12 @@ class PostText:
 class Generate:
     system: str
     max_new_tokens: int
-    hits: list[Hit] = field(default_factory=list)  # empty: a plain chat reply
     knowledge: bool = False  # a knowledge base is loaded (so no fact may come from the model)
     offer_handoff: bool = False
 
     def draft(self, generated: str, finish_reason: FinishReason) -> Draft:
-        text = finalize_reply(generated, finish_reason)
+        text = compose_chat(finalize_reply(generated, finish_reason), knowledge=self.knowledge)
         meta: dict[str, Any] = {"actions": ["feedback"]}
-        if self.hits:
-            text, meta["sources"] = compose_grounded(text, self.hits)
-        else:
-            text = compose_chat(text, knowledge=self.knowledge)
         if self.offer_handoff:
             text = f"{text}\n\n{FRUSTRATION_OFFER}"
             meta["actions"] = ["feedback", "handoff"]
@@ -205,31 +218,39 @@ class AnswerPolicy:
             return ConfirmForget(newest.author_id)
         frustrated = is_frustrated(newest.text)
         knowledge = bool(self.retriever and await self.retriever.passage_count(config.kb))
-        chat = Generate(
-            config.persona, self.settings.max_new_tokens, [], knowledge, offer_handoff=frustrated
-        )
-        if intent is Intent.SMALL_TALK or not knowledge:
-            return chat
-        hits = await self._best_hits(config.kb, history)
-        relevant = [h for h in hits if h.score >= self.settings.kb_min_score]
-        if not relevant:
+        if config.persona != DEFAULT_PERSONA:
+            # A team that set its own persona asked for a chat model: it talks, and with a
+            # knowledge base loaded its questions are still answered from it.
+            chat = Generate(
+                config.persona, self.settings.max_new_tokens, knowledge, offer_handoff=frustrated
+            )
+            if intent is Intent.SMALL_TALK or not knowledge:
+                return chat
+        elif intent is Intent.SMALL_TALK:
+            return PostText(Draft(small_talk_reply(newest.text), "small_talk"))
+        elif not knowledge:
+            return PostText(Draft(NO_DOCUMENTS_TEXT, "no_documents", {"actions": ["handoff"]}))
+        return await self._answer(conversation, config.kb, history, frustrated)
+
+    async def _answer(
+        self, conversation: ConversationKey, kb: str, history: Sequence[Message], frustrated: bool
+    ) -> PostText:
+        """A question to the knowledge base: quoted sentences, or "I don't know"."""
+        assert self.retriever is not None
+        searches = await self.retriever.search_many(kb, retrieval_query(history), TOP_PASSAGES)
+        search: Search = max(searches, key=answer_margin)
+        if not answerable(search):
             log.info(
-                "no relevant passage in %s (best score %.3f < %.3f): declined",
+                "nothing in %s answers %s (best score %.3f, unknown words %s): declined",
+                kb,
                 conversation.id,
-                hits[0].score if hits else 0.0,
-                self.settings.kb_min_score,
+                search.best,
+                ", ".join(sorted(search.query.missing)) or "none",
             )
             return PostText(Draft(DECLINE_TEXT, "decline", {"actions": ["handoff"]}))
-        return Generate(
-            grounded_system(config.persona, relevant),
-            min(self.settings.max_new_tokens, GROUNDED_MAX_NEW_TOKENS),
-            relevant,
-            knowledge,
-            offer_handoff=frustrated,
-        )
-
-    async def _best_hits(self, kb: str, history: Sequence[Message]) -> list[Hit]:
-        assert self.retriever is not None
-        queries = retrieval_query(history)
-        results = await self.retriever.search_many(kb, queries, top_k=MAX_PASSAGES_IN_PROMPT)
-        return max(results, key=lambda hits: hits[0].score if hits else 0.0, default=[])
+        index = await self.retriever.index(kb)
+        answer = compose_answer(choose_sentences(index, search))
+        text, actions = answer.text, ["feedback"]
+        if frustrated:
+            text, actions = f"{text}\n\n{FRUSTRATION_OFFER}", ["feedback", "handoff"]
+        return PostText(Draft(text, "answer", {"actions": actions, "sources": answer.sources}))

@@ -1,32 +1,43 @@
-"""Turning knowledge-base hits and generated text into a reply a customer can trust.
+"""Knowledge-base answers a support team can trust: sentences quoted from the passages,
+inside a few fixed frames that state no fact.
 
-A small model phrases well and invents facts freely, so the facts in a reply come from the
-knowledge base, not from the model (`core.policy` decides which case applies):
+A 135M model paraphrases policy unreliably (it wrote "No, you don't need permission" above
+a passage saying that you do), so no sentence of a knowledge-base answer is the model's:
 
-- a relevant passage found: the model writes a short lead-in with the passages in its
-  prompt; any number, e-mail address or link in that lead-in that is not in the passages
-  drops the lead-in; then the best passage is quoted verbatim and its source cited;
-- nothing relevant (score under `CHATBOT_KB_MIN_SCORE`): the bot says it does not know and
-  offers a person, with no generation at all;
-- small talk (hello, thanks): the model answers, and a reply with any number or contact
-  detail in it is replaced by a plain one;
+- `choose_sentences` picks the one or two sentences that answer the question, across the
+  best passages (the answer is often in the second one, or needs a sentence from each),
+  within `WORD_BUDGET` words;
+- `answerable` decides whether the knowledge base answers at all: the best passage's score,
+  less what the question asks about that the knowledge base never mentions
+  (`Search.unknown_share`); below the line the bot says it does not know and offers a
+  person;
+- `compose_answer` frames the sentences and cites their documents (title › section).
 
-With no knowledge base loaded the bot is a plain chat model (the foundation's behaviour).
+Every text here is fixed and fact-free; `core.knowledge.verify` checks anything a model
+writes before a customer sees it. The weights and thresholds were chosen with
+`bench/evaluate_kb.py` on the tuning company (examples/kb) only.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from core.conversation import Message, Role
-from core.knowledge.retrieval import Hit
+from core.knowledge.retrieval import Hit, Index, Search, content_words
+from core.knowledge.verify import invented_facts
 
-GROUNDING_INSTRUCTIONS = (
-    "Answer the customer's last question in one or two short sentences, using only the "
-    "help-centre passages below. Do not add facts, numbers or contact details that are not "
-    "in them. The passages will be shown to the customer after your answer."
-)
+__all__ = [
+    "DECLINE_TEXT",
+    "QUOTE_INTRO",
+    "Answer",
+    "answerable",
+    "choose_sentences",
+    "compose_answer",
+    "invented_facts",
+    "retrieval_query",
+]
+
 DECLINE_TEXT = (
     "I'm sorry, I couldn't find anything about that in our help centre, and I'd rather not "
     "guess. Would you like me to bring in a person from our support team? Just say "
@@ -35,28 +46,57 @@ DECLINE_TEXT = (
 FRUSTRATION_OFFER = (
     'If this doesn\'t solve it, I can bring in a person from our team: just say "talk to a person".'
 )
-SMALL_TALK_FALLBACK = "Happy to help! What can I do for you today?"
 QUOTE_INTRO = "Here's what our help centre says:"
-MAX_PASSAGES_IN_PROMPT = 3
-GROUNDED_MAX_NEW_TOKENS = 80
-
-
-# Facts a reply must not invent: numbers (prices, times, phone numbers), e-mails, links.
-_FACT = re.compile(
-    r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+|www\.\S+|\d+(?:[.,:/-]\d+)*",
-    re.IGNORECASE,
+GREETING_TEXT = "Hello! I'm the support assistant. What can I help you with today?"
+THANKS_TEXT = "You're welcome! Is there anything else I can help you with?"
+GOODBYE_TEXT = "Goodbye, and thanks for getting in touch!"
+NO_DOCUMENTS_TEXT = (
+    "I'm the support assistant, but no help-centre documents are loaded yet, so I can't "
+    "answer questions about products, orders or accounts without guessing, and I'd rather "
+    'not. I can bring in a person from our support team: just say "talk to a person".'
+)
+SMALL_TALK_FALLBACK = "Happy to help! What can I do for you today?"
+FRAMES = (
+    QUOTE_INTRO,
+    DECLINE_TEXT,
+    FRUSTRATION_OFFER,
+    GREETING_TEXT,
+    THANKS_TEXT,
+    GOODBYE_TEXT,
+    NO_DOCUMENTS_TEXT,
+    SMALL_TALK_FALLBACK,
 )
 
+TOP_PASSAGES = 2  # sentences are chosen from this many passages
+WORD_BUDGET = 35  # words of quoted sentences, beyond the best one
+MAX_SENTENCES = 2
+# Sentence score: its cosine with the question, its share of the question's vocabulary
+# (with its passage's heading), and its passage's score.
+SENTENCE_COSINE_WEIGHT = 1.0
+SENTENCE_LEXICAL_WEIGHT = 1.0
+SENTENCE_PASSAGE_WEIGHT = 2.0
+COMPANION_MIN = 0.6  # a second sentence scores at least this share of the best one
+# Answerable when best passage score - UNKNOWN_PENALTY * unknown share >= ANSWER_MIN.
+ANSWER_MIN = 0.31
+UNKNOWN_PENALTY = 0.6
 
-def invented_facts(text: str, sources: Sequence[str]) -> list[str]:
-    """The facts (numbers, e-mails, links) in `text` that appear in none of `sources`."""
-    haystack = re.sub(r"\s+", " ", " ".join(sources)).lower()
-    missing = []
-    for match in _FACT.finditer(text):
-        fact = match.group(0).rstrip(".,:/-").lower()
-        if fact and fact not in haystack:
-            missing.append(fact)
-    return missing
+
+@dataclass(frozen=True)
+class Quoted:
+    hit: Hit
+    position: int  # index into hit.passage.sentences
+    score: float
+
+    @property
+    def text(self) -> str:
+        return self.hit.passage.sentences[self.position]
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    sources: list[str]  # what it cites, best first
+    sentences: list[str]  # the quoted sentences, in the order shown
 
 
 def retrieval_query(history: Sequence[Message]) -> list[str]:
@@ -65,37 +105,87 @@ def retrieval_query(history: Sequence[Message]) -> list[str]:
     if not users:
         return []
     queries = [users[-1]]
-    if len(users) > 1 and len(users[-1].split()) < 6:
+    if len(users) > 1 and len(users[-1].split()) < 8:
         queries.append(f"{users[-2]} {users[-1]}")
     return queries
 
 
-def grounded_system(persona: str, hits: Sequence[Hit]) -> str:
-    passages = "\n\n".join(
-        f"[{n}] {h.passage.title}: {h.passage.text}" for n, h in enumerate(hits, start=1)
-    )
-    return f"{persona}\n\n{GROUNDING_INSTRUCTIONS}\n\n{passages}"
+def answer_margin(search: Search) -> float:
+    """How far above the line of `answerable` a search is (negative: below)."""
+    return search.best - UNKNOWN_PENALTY * search.unknown_share - ANSWER_MIN
+
+
+def answerable(search: Search) -> bool:
+    return bool(search.hits) and answer_margin(search) >= 0
+
+
+def choose_sentences(index: Index, search: Search) -> list[Quoted]:
+    """The sentences that answer, in reading order (passage by passage)."""
+    words = search.query.words
+    scored = []
+    for hit in search.hits[:TOP_PASSAGES]:
+        heading = content_words(f"{hit.passage.title} {hit.passage.section}")
+        for position, sentence in enumerate(hit.passage.sentences):
+            lexical = index.share(words, content_words(sentence) | heading)
+            cosine = hit.sentence_cosines[position] if hit.sentence_cosines else hit.cosine
+            score = (
+                SENTENCE_COSINE_WEIGHT * cosine
+                + SENTENCE_LEXICAL_WEIGHT * lexical
+                + SENTENCE_PASSAGE_WEIGHT * hit.score
+            )
+            scored.append(Quoted(hit, position, score))
+    if not scored:
+        return []
+    scored.sort(key=lambda q: q.score, reverse=True)
+    best = scored[0]
+    chosen = [best]
+    used = 0
+    for candidate in scored[1:]:
+        if len(chosen) >= MAX_SENTENCES or candidate.score < COMPANION_MIN * best.score:
+            break
+        size = len(candidate.text.split())
+        if used + size > WORD_BUDGET:
+            continue
+        chosen.append(candidate)
+        used += size
+    rank = {id(hit): n for n, hit in enumerate(search.hits)}
+    chosen.sort(key=lambda q: (rank[id(q.hit)], q.position))
+    return chosen
 
 
 def source_label(hit: Hit) -> str:
-    return hit.passage.title
+    passage = hit.passage
+    return f"{passage.title} › {passage.section}" if passage.section else passage.title
 
 
-def compose_grounded(generated: str, hits: Sequence[Hit]) -> tuple[str, list[str]]:
-    """Lead-in (if it invents nothing) + the best passage quoted + its source."""
-    best = hits[0]
-    lead = generated.strip()
-    if lead and invented_facts(lead, [h.passage.text for h in hits]):
-        lead = ""
-    lines = best.passage.text.split("\n")
-    quote = "\n".join(f"> {line}" if line.strip() else ">" for line in lines)
-    sources = [source_label(best)]
-    parts = [lead or QUOTE_INTRO, quote, f"Source: {sources[0]}"]
-    return "\n\n".join(parts), sources
+def compose_answer(quoted: Sequence[Quoted]) -> Answer:
+    """The frame, the quoted sentences (a quote block per passage, "…" where sentences are
+    skipped) and the sources, the best sentence's first."""
+    blocks: list[str] = []
+    sources: list[str] = []
+    previous: Quoted | None = None
+    for q in quoted:
+        if previous is not None and previous.hit is q.hit:
+            gap = " … " if q.position != previous.position + 1 else " "
+            blocks[-1] += gap + q.text
+        else:
+            blocks.append(q.text)
+            label = source_label(q.hit)
+            if label not in sources:
+                sources.append(label)
+        previous = q
+    best = max(quoted, key=lambda q: q.score)
+    first = source_label(best.hit)
+    sources.remove(first)
+    sources.insert(0, first)
+    quote = "\n>\n".join(f"> {block}" for block in blocks)
+    cite = f"Source: {sources[0]}" if len(sources) == 1 else "Sources: " + "; ".join(sources)
+    return Answer(f"{QUOTE_INTRO}\n\n{quote}\n\n{cite}", sources, [q.text for q in quoted])
 
 
 def compose_chat(generated: str, *, knowledge: bool) -> str:
-    """Small talk: with a knowledge base loaded, no fact may come from the model."""
+    """A free-chat reply (a team's own persona): with a knowledge base loaded, no fact may
+    come from the model."""
     text = generated.strip()
     if knowledge and invented_facts(text, []):
         return SMALL_TALK_FALLBACK

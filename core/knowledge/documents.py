@@ -7,6 +7,7 @@ cited by its question). Nothing here needs the embedding model or Redis.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from core.errors import ChatbotError
+from core.knowledge.sentences import split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ DEFAULT_KB = "default"
 TEXT_SUFFIXES = {".md", ".markdown", ".txt"}
 FAQ_SUFFIXES = {".yaml", ".yml", ".json"}
 PASSAGE_CHARS = 700  # paragraphs are grouped up to this size; a longer one stands alone
-SPLITTER_VERSION = "1"
+SPLITTER_VERSION = "2"  # 2: sentence vectors stored with each passage
 MAX_FILE_BYTES = 5_000_000
 MAX_FILES = 10_000  # part of the digest: a new splitter re-ingests everything
 _KB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -50,6 +52,11 @@ class Passage:
     title: str  # what a reply cites: the document title, or the FAQ question
     section: str
     text: str
+
+    @functools.cached_property
+    def sentences(self) -> list[str]:
+        """What an answer quotes: `split_sentences(text)`, in order."""
+        return split_sentences(self.text)
 
     def embedding_text(self) -> str:
         heading = " — ".join(p for p in (self.title, self.section) if p)

@@ -45,22 +45,48 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def passage_record(passage: Passage, vector: Vectors) -> str:
+def _encode(vectors: Vectors) -> str:
+    return base64.b64encode(vectors.astype(np.float32).tobytes()).decode()
+
+
+def passage_record(passage: Passage, vector: Vectors, sentence_vectors: Vectors) -> str:
     data = {
         "document": passage.document,
         "title": passage.title,
         "section": passage.section,
         "text": passage.text,
-        "vector": base64.b64encode(vector.astype(np.float32).tobytes()).decode(),
+        "vector": _encode(vector),
+        "sentence_vectors": _encode(sentence_vectors),  # one row per `passage.sentences`
     }
     return json.dumps(data, ensure_ascii=False)
 
 
-def read_passage_record(passage_id: str, raw: str) -> tuple[Passage, Vectors]:
+def read_passage_record(passage_id: str, raw: str) -> tuple[Passage, Vectors, Vectors | None]:
+    """The passage, its vector and its sentences' vectors (None when it was ingested by a
+    version that did not store them, or they do not match its sentences)."""
     data = json.loads(raw)
     vector = np.frombuffer(base64.b64decode(data["vector"]), dtype=np.float32)
     passage = Passage(passage_id, data["document"], data["title"], data["section"], data["text"])
-    return passage, vector
+    sentence_vectors = None
+    if "sentence_vectors" in data:
+        flat = np.frombuffer(base64.b64decode(data["sentence_vectors"]), dtype=np.float32)
+        if flat.size == len(passage.sentences) * DIMENSIONS:
+            sentence_vectors = flat.reshape(len(passage.sentences), DIMENSIONS)
+    return passage, vector, sentence_vectors
+
+
+async def embed_passages(
+    embedder: Embedder, passages: list[Passage]
+) -> tuple[Vectors, list[Vectors]]:
+    """Each passage's vector (of its heading and text) and its sentences' vectors."""
+    texts = [p.embedding_text() for p in passages]
+    sentences = [s for p in passages for s in p.sentences]
+    vectors = await embedder.embed(texts + sentences)
+    per_passage, start = [], len(passages)
+    for passage in passages:
+        per_passage.append(vectors[start : start + len(passage.sentences)])
+        start += len(passage.sentences)
+    return vectors[: len(passages)], per_passage
 
 
 @dataclass
@@ -120,10 +146,10 @@ class KnowledgeBaseStore:
             if before and before.get("digest") == document.digest:
                 report.unchanged.append(document.id)
                 continue
-            vectors = await embedder.embed([p.embedding_text() for p in document.passages])
+            vectors, sentence_vectors = await embed_passages(embedder, document.passages)
             if progress:
                 progress(len(document.passages))
-            await self._replace(kb, document, vectors, before, origin)
+            await self._replace(kb, document, vectors, sentence_vectors, before, origin)
             (report.updated if before else report.added).append(document.id)
             report.passages += len(document.passages)
         if prune:
@@ -140,6 +166,7 @@ class KnowledgeBaseStore:
         kb: str,
         document: Document,
         vectors: Vectors,
+        sentence_vectors: list[Vectors],
         before: dict[str, Any] | None,
         origin: str,
     ) -> None:
@@ -160,8 +187,8 @@ class KnowledgeBaseStore:
             pipe.hset(
                 k.kb_passages(kb),
                 mapping={
-                    p.id: passage_record(p, v)
-                    for p, v in zip(document.passages, vectors, strict=True)
+                    p.id: passage_record(p, v, sv)
+                    for p, v, sv in zip(document.passages, vectors, sentence_vectors, strict=True)
                 },
             )
             pipe.hset(k.kb_documents(kb), document.id, json.dumps(meta, ensure_ascii=False))
@@ -192,17 +219,18 @@ class KnowledgeBaseStore:
             results = await pipe.execute()
         return bool(results[-1])
 
-    async def load(self, kb: str) -> tuple[int, list[Passage], Vectors]:
-        """Version, passages and their vectors (one row each), read consistently."""
+    async def load(self, kb: str) -> tuple[int, list[Passage], Vectors, list[Vectors | None]]:
+        """Version, passages, their vectors (one row each) and their sentences' vectors
+        (None for a passage stored without them), read consistently."""
         k = self.keys
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.get(k.kb_version(kb))
             pipe.hgetall(k.kb_passages(kb))
             version, raw = await pipe.execute()
-        passages, vectors = [], []
+        passages, vectors, sentence_vectors = [], [], []
         for passage_id in sorted(raw):
             try:
-                passage, vector = read_passage_record(passage_id, raw[passage_id])
+                passage, vector, sentences = read_passage_record(passage_id, raw[passage_id])
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("passage %s of %s is corrupt (%s); skipped", passage_id, kb, exc)
                 continue
@@ -211,5 +239,6 @@ class KnowledgeBaseStore:
                 continue
             passages.append(passage)
             vectors.append(vector)
+            sentence_vectors.append(sentences)
         matrix = np.stack(vectors) if vectors else np.zeros((0, DIMENSIONS), dtype=np.float32)
-        return int(version or 0), passages, matrix
+        return int(version or 0), passages, matrix, sentence_vectors
