@@ -134,7 +134,9 @@ class Reply:
     text: str
     reply_to: str  # the platform message id of the newest user message answered
     covers_seq: int
-    # "answer" (from the knowledge base or small talk), "decline" (nothing relevant found),
+    # "answer" (quoted from the knowledge base, or generated for a team's own persona),
+    # "small_talk" (a fixed greeting or thanks), "no_documents" (no knowledge base loaded),
+    # "decline" (nothing in the knowledge base answers),
     # "handoff" (a person was asked to join), "notice" (bot back, data forgotten…),
     # "support" (the handoff alert, posted in the support channel), "apology" (failure)
     kind: str = "answer"

@@ -238,8 +238,9 @@ class AnswerPolicy:
         """A question to the knowledge base: quoted sentences, or "I don't know"."""
         assert self.retriever is not None
         searches = await self.retriever.search_many(kb, retrieval_query(history), TOP_PASSAGES)
-        search: Search = max(searches, key=answer_margin)
-        if not answerable(search):
+        min_score = self.settings.kb_min_score
+        search: Search = max(searches, key=lambda s: answer_margin(s, min_score))
+        if not answerable(search, min_score):
             log.info(
                 "nothing in %s answers %s (best score %.3f, unknown words %s): declined",
                 kb,

@@ -41,10 +41,15 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
+TEST_PERSONA = "You are a test chat model. Reply briefly."
+
+
 @pytest.fixture
 def make_settings(redis_server: RedisServer, namespace: str, tmp_path: Path) -> Any:
-    def make(**overrides: str) -> Settings:
-        values = {
+    def make(**overrides: str | None) -> Settings:
+        """Test settings; an override of None unsets a variable (CHATBOT_PERSONA=None: the
+        default support assistant, which answers only from the knowledge base)."""
+        values: dict[str, str | None] = {
             "REDIS_URL": redis_server.url,
             "CHATBOT_NAMESPACE": namespace,
             "CHATBOT_DATA_DIR": str(tmp_path / "data"),
@@ -52,9 +57,12 @@ def make_settings(redis_server: RedisServer, namespace: str, tmp_path: Path) -> 
             "CHATBOT_MAX_NEW_TOKENS": "8",
             "CHATBOT_CONTEXT_TOKENS": "512",
             "CHATBOT_BATCH_WAIT_MS": "1",
+            # A persona of its own makes the bot a chat model (see AnswerPolicy): most tests
+            # exercise the generation path with the tiny model.
+            "CHATBOT_PERSONA": TEST_PERSONA,
         }
         values.update(overrides)
-        return Settings.from_mapping(values)
+        return Settings.from_mapping({k: v for k, v in values.items() if v is not None})
 
     return make
 

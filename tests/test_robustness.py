@@ -81,7 +81,7 @@ async def test_a_conversation_whose_preparation_fails_does_not_sink_the_batch(
 async def test_a_corrupt_passage_is_skipped(redis: Any, keys: Keys) -> None:
     store = KnowledgeBaseStore(redis, keys)
     await redis.hset(keys.kb_passages("default"), mapping={"p1": "{nope", "p2": "[]"})
-    _version, passages, vectors = await store.load("default")
+    _version, passages, vectors, _sentences = await store.load("default")
     assert passages == [] and vectors.shape == (0, 384)
 
 

@@ -76,8 +76,8 @@ SENTENCE_COSINE_WEIGHT = 1.0
 SENTENCE_LEXICAL_WEIGHT = 1.0
 SENTENCE_PASSAGE_WEIGHT = 2.0
 COMPANION_MIN = 0.6  # a second sentence scores at least this share of the best one
-# Answerable when best passage score - UNKNOWN_PENALTY * unknown share >= ANSWER_MIN.
-ANSWER_MIN = 0.31
+# Answerable when best passage score - UNKNOWN_PENALTY * unknown share >= min_score
+# (CHATBOT_KB_MIN_SCORE, default 0.31).
 UNKNOWN_PENALTY = 0.6
 
 
@@ -110,17 +110,17 @@ def retrieval_query(history: Sequence[Message]) -> list[str]:
     return queries
 
 
-def answer_margin(search: Search) -> float:
+def answer_margin(search: Search, min_score: float) -> float:
     """How far above the line of `answerable` a search is (negative: below)."""
-    return search.best - UNKNOWN_PENALTY * search.unknown_share - ANSWER_MIN
+    return search.best - UNKNOWN_PENALTY * search.unknown_share - min_score
 
 
-def answerable(search: Search) -> bool:
-    return bool(search.hits) and answer_margin(search) >= 0
+def answerable(search: Search, min_score: float) -> bool:
+    return bool(search.hits) and answer_margin(search, min_score) >= 0
 
 
 def choose_sentences(index: Index, search: Search) -> list[Quoted]:
-    """The sentences that answer, in reading order (passage by passage)."""
+    """The sentences that answer, passage by passage (the best sentence's first)."""
     words = search.query.words
     scored = []
     for hit in search.hits[:TOP_PASSAGES]:
@@ -148,7 +148,9 @@ def choose_sentences(index: Index, search: Search) -> list[Quoted]:
             continue
         chosen.append(candidate)
         used += size
-    rank = {id(hit): n for n, hit in enumerate(search.hits)}
+    # The best sentence's passage first, then the others; each passage's in reading order.
+    rank = {id(hit): n + 1 for n, hit in enumerate(search.hits)}
+    rank[id(best.hit)] = 0
     chosen.sort(key=lambda q: (rank[id(q.hit)], q.position))
     return chosen
 

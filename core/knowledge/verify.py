@@ -27,7 +27,10 @@ _NEGATION = re.compile(
     r"\b(?:not|no|never|none|nothing|nobody|neither|nor|without|cannot|unable)\b|n't\b",
     re.IGNORECASE,
 )
-_YES_NO = re.compile(r"^\W*(?:yes|yeah|yep|no|nope|sure|absolutely|of course)\b\W*", re.I)
+# "Yes," / "No." opening a sentence (not "No order ships…").
+_YES_NO = re.compile(
+    r"^\W*(?:yes|yeah|yep|no|nope|sure|absolutely|of course)\s*(?:[,.!:;-]+\s*|$)", re.I
+)
 
 
 def facts_in(text: str) -> list[str]:
@@ -37,7 +40,12 @@ def facts_in(text: str) -> list[str]:
 def invented_facts(text: str, sources: Sequence[str]) -> list[str]:
     """The facts (numbers, e-mails, links) in `text` that appear in none of `sources`."""
     haystack = re.sub(r"\s+", " ", " ".join(sources)).lower()
-    return [fact for fact in facts_in(text) if fact and fact not in haystack]
+    # A number must occur as a whole number: "9.95" is not in "$19.95".
+    return [
+        fact
+        for fact in facts_in(text)
+        if fact and not re.search(rf"(?<![\w.]){re.escape(fact)}(?!\d|[.,]\d)", haystack)
+    ]
 
 
 def negated(text: str) -> bool:
@@ -56,7 +64,9 @@ class Verifier:
 
     def __init__(self, passages: Iterable[str], frames: Iterable[str] = ()) -> None:
         self.passages = [p for p in passages if p.strip()]
-        self.frames = {" ".join(f.split()).lower() for f in frames}
+        self.frames = {
+            " ".join(sentence.split()).lower() for f in frames for sentence in split_sentences(f)
+        }
         self._words = [content_words(p) for p in self.passages]
         self._sentences = [
             [(s, content_words(s)) for s in split_sentences(p)] for p in self.passages
