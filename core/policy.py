@@ -35,14 +35,14 @@ from core.knowledge.answers import (
     NO_DOCUMENTS_TEXT,
     THANKS_TEXT,
     TOP_PASSAGES,
-    answer_margin,
     answerable,
     choose_sentences,
     compose_answer,
     compose_chat,
+    pick_search,
     retrieval_query,
 )
-from core.knowledge.retrieval import Retriever, Search
+from core.knowledge.retrieval import Retriever
 from core.settings import DEFAULT_PERSONA, Settings
 from core.support.forget import (
     FORGET_CONFIRM_TEXT,
@@ -239,7 +239,7 @@ class AnswerPolicy:
         assert self.retriever is not None
         searches = await self.retriever.search_many(kb, retrieval_query(history), TOP_PASSAGES)
         min_score = self.settings.kb_min_score
-        search: Search = max(searches, key=lambda s: answer_margin(s, min_score))
+        search, focus = pick_search(searches, min_score)
         if not answerable(search, min_score):
             log.info(
                 "nothing in %s answers %s (best score %.3f, unknown words %s): declined",
@@ -250,7 +250,7 @@ class AnswerPolicy:
             )
             return PostText(Draft(DECLINE_TEXT, "decline", {"actions": ["handoff"]}))
         index = await self.retriever.index(kb)
-        answer = compose_answer(choose_sentences(index, search))
+        answer = compose_answer(choose_sentences(index, search, focus))
         text, actions = answer.text, ["feedback"]
         if frustrated:
             text, actions = f"{text}\n\n{FRUSTRATION_OFFER}", ["feedback", "handoff"]

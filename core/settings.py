@@ -185,7 +185,7 @@ class Settings:
     # override kb, persona and support contacts (`chatbot workspace set`).
     kb: str = _env("CHATBOT_KB", _namespace, default="default")
     # Measured with bench/evaluate_kb.py on examples/ (balanced accuracy, see README).
-    kb_min_score: float = _env("CHATBOT_KB_MIN_SCORE", _unit_float, default=0.31)
+    kb_min_score: float = _env("CHATBOT_KB_MIN_SCORE", _unit_float, default=0.3)
     support_channel: str = _env("CHATBOT_SUPPORT_CHANNEL", default="")
     support_mention: str = _env("CHATBOT_SUPPORT_MENTION", default="")
     # "open": every Slack workspace and Discord guild that adds the bot is served; "listed":

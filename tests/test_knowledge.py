@@ -193,17 +193,22 @@ def quoted_sentences(text: str) -> list[str]:
 async def ask(
     redis: Any, worker: Worker, settings: Settings, questions: dict[str, list[str]]
 ) -> dict[str, Any]:
-    """Each conversation's messages in turn; the last reply of each conversation."""
-    rounds = max(len(m) for m in questions.values())
-    for n in range(rounds):
-        for name, messages in questions.items():
-            if n < len(messages):
-                conv = ConversationKey("test", "w", name)
-                await submit(redis, settings, conv, messages[n], f"{name}-{n}")
-        expected = sum(min(len(m), n + 1) for m in questions.values())
-        await run_worker_until(
-            worker, lambda e=expected: _has_replies(redis, settings, e), f"{expected} replies"
-        )
+    """Each conversation's messages in turn, each after the reply to the one before; the
+    last reply of each conversation."""
+    task = asyncio.create_task(worker.run())
+    try:
+        for n in range(max(len(m) for m in questions.values())):
+            for name, messages in questions.items():
+                if n < len(messages):
+                    conv = ConversationKey("test", "w", name)
+                    await submit(redis, settings, conv, messages[n], f"{name}-{n}")
+            expected = sum(min(len(m), n + 1) for m in questions.values())
+            await wait_for(
+                lambda e=expected: _has_replies(redis, settings, e), 30, f"{expected} replies"
+            )
+    finally:
+        worker.stop()
+        await task
     last = {}
     for reply in await outbox(redis, settings):
         last[reply.conversation.channel] = reply

@@ -20,6 +20,7 @@ writes before a customer sees it. The weights and thresholds were chosen with
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,7 +78,7 @@ SENTENCE_LEXICAL_WEIGHT = 1.0
 SENTENCE_PASSAGE_WEIGHT = 2.0
 COMPANION_MIN = 0.6  # a second sentence scores at least this share of the best one
 # Answerable when best passage score - UNKNOWN_PENALTY * unknown share >= min_score
-# (CHATBOT_KB_MIN_SCORE, default 0.31).
+# (CHATBOT_KB_MIN_SCORE, default 0.3).
 UNKNOWN_PENALTY = 0.6
 
 
@@ -99,15 +100,41 @@ class Answer:
     sentences: list[str]  # the quoted sentences, in the order shown
 
 
+_FOLLOW_UP = re.compile(
+    r"^\W*(?:and|also|so|but|plus|then|what\s+about|how\s+about|what\s+if|ok(?:ay)?)\b"
+    r"|\b(?:that|this|it|those|these|them|there|one)\b",
+    re.IGNORECASE,
+)
+FOLLOW_UP_MAX_WORDS = 8
+
+
 def retrieval_query(history: Sequence[Message]) -> list[str]:
     """The newest user message, and for a short follow-up also it with the previous one."""
     users = [m.text for m in history if m.role is Role.USER]
     if not users:
         return []
     queries = [users[-1]]
-    if len(users) > 1 and len(users[-1].split()) < 8:
+    if len(users) > 1 and len(users[-1].split()) < FOLLOW_UP_MAX_WORDS:
         queries.append(f"{users[-2]} {users[-1]}")
     return queries
+
+
+def is_follow_up(text: str) -> bool:
+    """A short message that leans on the one before ("and how much is that?")."""
+    return len(text.split()) < FOLLOW_UP_MAX_WORDS and bool(_FOLLOW_UP.search(text))
+
+
+def pick_search(searches: Sequence[Search], min_score: float) -> tuple[Search, Search | None]:
+    """The search to answer from, and for a follow-up the newest message's own search (its
+    words choose the sentences; the conversation's topic chooses the passages)."""
+    alone = searches[0]
+    if len(searches) < 2:
+        return alone, None
+    together = searches[1]
+    if is_follow_up(alone.query.text) and answerable(together, min_score):
+        return together, alone
+    best = max(searches, key=lambda s: answer_margin(s, min_score))
+    return best, (alone if best is together else None)
 
 
 def answer_margin(search: Search, min_score: float) -> float:
@@ -119,15 +146,21 @@ def answerable(search: Search, min_score: float) -> bool:
     return bool(search.hits) and answer_margin(search, min_score) >= 0
 
 
-def choose_sentences(index: Index, search: Search) -> list[Quoted]:
-    """The sentences that answer, passage by passage (the best sentence's first)."""
+def choose_sentences(index: Index, search: Search, focus: Search | None = None) -> list[Quoted]:
+    """The sentences that answer, passage by passage (the best sentence's first). `focus`:
+    a follow-up's own search, whose words and meaning weigh as much as the whole topic's."""
     words = search.query.words
     scored = []
     for hit in search.hits[:TOP_PASSAGES]:
         heading = content_words(f"{hit.passage.title} {hit.passage.section}")
+        focused = _focus_cosines(index, hit, focus)
         for position, sentence in enumerate(hit.passage.sentences):
-            lexical = index.share(words, content_words(sentence) | heading)
+            sentence_words = content_words(sentence) | heading
+            lexical = index.share(words, sentence_words)
             cosine = hit.sentence_cosines[position] if hit.sentence_cosines else hit.cosine
+            if focus is not None and focused is not None:
+                lexical = (lexical + index.share(focus.query.words, sentence_words)) / 2
+                cosine = (cosine + focused[position]) / 2
             score = (
                 SENTENCE_COSINE_WEIGHT * cosine
                 + SENTENCE_LEXICAL_WEIGHT * lexical
@@ -153,6 +186,15 @@ def choose_sentences(index: Index, search: Search) -> list[Quoted]:
     rank[id(best.hit)] = 0
     chosen.sort(key=lambda q: (rank[id(q.hit)], q.position))
     return chosen
+
+
+def _focus_cosines(index: Index, hit: Hit, focus: Search | None) -> list[float] | None:
+    if focus is None or focus.vector is None:
+        return None
+    vectors = index.passage_sentence_vectors(hit.passage)
+    if vectors is None:
+        return None
+    return [float(c) for c in vectors @ focus.vector]
 
 
 def source_label(hit: Hit) -> str:

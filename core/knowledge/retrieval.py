@@ -125,6 +125,7 @@ class Search:
     # how far it is in meaning from the nearest word it has ("toronto" is near "canada" and
     # counts little; "ceo" is near nothing and counts fully).
     unknown_share: float
+    vector: Vectors | None = None  # the question's embedding
 
     @property
     def best(self) -> float:
@@ -153,6 +154,7 @@ class Index:
             else np.zeros((0, DIMENSIONS), dtype=np.float32)
         )
         self.sentence_start = np.cumsum([0, *counts])
+        self._position = {p.id: i for i, p in enumerate(passages)}
         self.words = [content_words(p.embedding_text()) for p in passages]
         self.sentence_words = [[content_words(s) for s in p.sentences] for p in passages]
         documents: dict[str, set[str]] = {}
@@ -190,6 +192,8 @@ class Index:
         words, missing, spelled = set(), set(), []
         for word, written in surface_words(text).items():
             known = self.correct(word)
+            if known is None and any(c.isdigit() for c in word):
+                continue  # an amount or a date of the customer's ("$88"), not a topic
             if known is None:
                 missing.add(word)
                 words.add(word)
@@ -222,6 +226,14 @@ class Index:
         if total <= 0:
             return 0.0
         return sum(self.weight(w) for w in words & covered) / total
+
+    def passage_sentence_vectors(self, passage: Passage) -> Vectors | None:
+        position = self._position.get(passage.id)
+        if position is None:
+            return None
+        start, end = self.sentence_start[position], self.sentence_start[position + 1]
+        vectors: Vectors = self.sentence_matrix[start:end]
+        return vectors
 
     def sentence_cosines(self, vector: Vectors) -> Vectors:
         if not len(self.sentence_matrix):
@@ -324,7 +336,10 @@ class Retriever:
             unknown_vectors = vectors[start : start + len(query.spelled)]
             start += len(query.spelled)
             found[text] = Search(
-                query, index.rank(query, vector, top_k), index.unknown_share(query, unknown_vectors)
+                query,
+                index.rank(query, vector, top_k),
+                index.unknown_share(query, unknown_vectors),
+                vector,
             )
         return [
             found.get(q) or Search(Query(q, frozenset(), frozenset()), [], 1.0) for q in queries

@@ -96,10 +96,14 @@ class Verifier:
         if invented:
             return Verdict(False, f"facts not in the passage ({', '.join(invented)}): {text!r}")
         source, _ = max(self._sentences[best], key=lambda pair: len(words & pair[1]))
-        if negated(claim) != negated(source) or (
-            _YES_NO.match(text) and _says_no(text) != negated(source)
-        ):
+        source_claim = _YES_NO.sub("", source)
+        if negated(claim) != negated(source_claim):
             return Verdict(False, f"says the opposite of {source!r}: {text!r}")
+        if _YES_NO.match(text):
+            # "No, …" must agree with the passage: its own "No, …" or a negated claim.
+            expected = _says_no(source) if _YES_NO.match(source) else negated(source_claim)
+            if _says_no(text) != expected:
+                return Verdict(False, f"answers yes/no unlike {source!r}: {text!r}")
         return Verdict(True)
 
     def supported_sentences(self, text: str) -> tuple[list[str], list[str]]:
