@@ -76,6 +76,8 @@ class Verifier:
         text = " ".join(sentence.split())
         if text.lower() in self.frames:
             return Verdict(True)
+        if any(text.lower() in " ".join(p.split()).lower() for p in self.passages):
+            return Verdict(True)  # quoted verbatim
         claim = _YES_NO.sub("", text)
         words = content_words(claim)
         if not words:
