@@ -11,6 +11,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
+# A persona of its own makes the bot a chat model (the default support assistant answers only
+# from a knowledge base): for tests of the bundled model's generation through the commands.
+CHAT_PERSONA = {"CHATBOT_PERSONA": "You are a friendly support chat model. Reply briefly."}
+
+
 def chatbot_env(**values: str) -> dict[str, str]:
     """The current environment without any CHATBOT_/REDIS_ settings, plus `values`."""
     env = {

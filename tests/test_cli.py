@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.redis_server import RedisServer
-from tests.processes import chatbot, chatbot_env
+from tests.processes import CHAT_PERSONA, chatbot, chatbot_env
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 def test_run_answers_piped_questions_with_the_bundled_model(
     tmp_path: Path, model_dir: Path
 ) -> None:
-    env = chatbot_env(CHATBOT_DATA_DIR=str(tmp_path / "data"), CHATBOT_MAX_NEW_TOKENS="48")
+    env = chatbot_env(
+        CHATBOT_DATA_DIR=str(tmp_path / "data"), CHATBOT_MAX_NEW_TOKENS="48", **CHAT_PERSONA
+    )
     proc = chatbot(["run"], env, tmp_path, stdin=subprocess.PIPE)
     out, err = proc.communicate(
         "Hello! How do I reset my password?\n\n   \n"
@@ -40,7 +42,10 @@ def test_worker_and_chat_talk_through_redis(
     tmp_path: Path, redis_server: RedisServer, namespace: str, model_dir: Path
 ) -> None:
     env = chatbot_env(
-        REDIS_URL=redis_server.url, CHATBOT_NAMESPACE=namespace, CHATBOT_MAX_NEW_TOKENS="48"
+        REDIS_URL=redis_server.url,
+        CHATBOT_NAMESPACE=namespace,
+        CHATBOT_MAX_NEW_TOKENS="48",
+        **CHAT_PERSONA,
     )
     worker = chatbot(["worker"], env, tmp_path)
     try:

@@ -14,7 +14,7 @@ from core.keys import WORKER_GROUP, Keys
 from core.redis_server import RedisServer
 from core.settings import Settings
 from tests.helpers import make_store, outbox, submit, wait_for
-from tests.processes import chatbot, chatbot_env
+from tests.processes import CHAT_PERSONA, chatbot, chatbot_env
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,7 @@ async def test_sigkilled_worker_is_replaced_and_exactly_one_reply_is_posted(
         "CHATBOT_MAX_NEW_TOKENS": "160",
         "CHATBOT_RECLAIM_IDLE_S": "2",
         "CHATBOT_LOCK_TTL_S": "3",
+        **CHAT_PERSONA,
     }
     settings = Settings.from_mapping(values)
     keys = Keys(namespace)
