@@ -40,6 +40,7 @@ from core.knowledge.answers import (
     compose_answer,
     compose_chat,
     pick_search,
+    question_parts,
     retrieval_query,
 )
 from core.knowledge.retrieval import Retriever
@@ -237,10 +238,16 @@ class AnswerPolicy:
     ) -> PostText:
         """A question to the knowledge base: quoted sentences, or "I don't know"."""
         assert self.retriever is not None
-        searches = await self.retriever.search_many(kb, retrieval_query(history), TOP_PASSAGES)
+        queries = retrieval_query(history)
+        parts = question_parts(queries[0])
+        found = await self.retriever.search_many(kb, queries + parts, TOP_PASSAGES)
         min_score = self.settings.kb_min_score
-        search, focus = pick_search(searches, min_score)
-        if not answerable(search, min_score):
+        # The whole message (or, for a follow-up, with the one before) finds the passages; in
+        # a long message the knowledge base may answer one of its sentences.
+        search, focus = pick_search(found[: len(queries)], min_score)
+        if not answerable(search, min_score) and not any(
+            answerable(part, min_score) for part in found[len(queries) :]
+        ):
             log.info(
                 "nothing in %s answers %s (best score %.3f, unknown words %s): declined",
                 kb,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from core.conversation import Message, Role
 from core.knowledge.retrieval import Hit, Index, Search, content_words
+from core.knowledge.sentences import split_sentences
 from core.knowledge.verify import invented_facts
 
 __all__ = [
@@ -77,7 +78,6 @@ SENTENCE_COSINE_WEIGHT = 1.0
 SENTENCE_LEXICAL_WEIGHT = 1.0
 SENTENCE_PASSAGE_WEIGHT = 2.0
 COMPANION_MIN = 0.6  # a second sentence scores at least this share of the best one
-NEIGHBOUR_BONUS = 0.0  # how much more a sentence next to the best one counts
 # Answerable when best passage score - UNKNOWN_PENALTY * unknown share >= min_score
 # (CHATBOT_KB_MIN_SCORE, default 0.3).
 UNKNOWN_PENALTY = 0.6
@@ -123,6 +123,13 @@ def retrieval_query(history: Sequence[Message]) -> list[str]:
 def is_follow_up(text: str) -> bool:
     """A short message that leans on the one before ("and how much is that?")."""
     return len(text.split()) < FOLLOW_UP_MAX_WORDS and bool(_FOLLOW_UP.search(text))
+
+
+def question_parts(text: str) -> list[str]:
+    """The sentences of a message of several ("My sister moved to London. Can I send her a
+    jacket?"), each able to show that the knowledge base answers it; none for one sentence."""
+    parts = [p for p in split_sentences(text) if len(content_words(p)) >= 2]
+    return parts if len(parts) > 1 else []
 
 
 def pick_search(searches: Sequence[Search], min_score: float) -> tuple[Search, Search | None]:
@@ -174,16 +181,8 @@ def choose_sentences(index: Index, search: Search, focus: Search | None = None) 
     best = scored[0]
     chosen = [best]
     used = 0
-    # The sentence next to the best one often finishes its thought ("…within 5 business
-    # days."), so it counts for more than a sentence elsewhere.
-    companions = sorted(
-        scored[1:],
-        key=lambda q: q.score * (1 + NEIGHBOUR_BONUS * _neighbours(q, best)),
-        reverse=True,
-    )
-    for candidate in companions:
-        boosted = candidate.score * (1 + NEIGHBOUR_BONUS * _neighbours(candidate, best))
-        if len(chosen) >= MAX_SENTENCES or boosted < COMPANION_MIN * best.score:
+    for candidate in scored[1:]:
+        if len(chosen) >= MAX_SENTENCES or candidate.score < COMPANION_MIN * best.score:
             break
         size = len(candidate.text.split())
         if used + size > WORD_BUDGET:
@@ -195,10 +194,6 @@ def choose_sentences(index: Index, search: Search, focus: Search | None = None) 
     rank[id(best.hit)] = 0
     chosen.sort(key=lambda q: (rank[id(q.hit)], q.position))
     return chosen
-
-
-def _neighbours(candidate: Quoted, best: Quoted) -> bool:
-    return candidate.hit is best.hit and abs(candidate.position - best.position) == 1
 
 
 def _focus_cosines(index: Index, hit: Hit, focus: Search | None) -> list[float] | None:
