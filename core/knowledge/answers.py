@@ -78,6 +78,7 @@ SENTENCE_COSINE_WEIGHT = 1.0
 SENTENCE_LEXICAL_WEIGHT = 1.0
 SENTENCE_PASSAGE_WEIGHT = 2.0
 COMPANION_MIN = 0.6  # a second sentence scores at least this share of the best one
+REPEAT_SHARE = 0.8  # a sentence sharing this much of a chosen one's words repeats it
 # Answerable when best passage score - UNKNOWN_PENALTY * unknown share >= min_score
 # (CHATBOT_KB_MIN_SCORE, default 0.3).
 UNKNOWN_PENALTY = 0.6
@@ -185,7 +186,7 @@ def choose_sentences(index: Index, search: Search, focus: Search | None = None) 
         if len(chosen) >= MAX_SENTENCES or candidate.score < COMPANION_MIN * best.score:
             break
         size = len(candidate.text.split())
-        if used + size > WORD_BUDGET:
+        if used + size > WORD_BUDGET or any(_repeats(candidate, q) for q in chosen):
             continue
         chosen.append(candidate)
         used += size
@@ -194,6 +195,14 @@ def choose_sentences(index: Index, search: Search, focus: Search | None = None) 
     rank[id(best.hit)] = 0
     chosen.sort(key=lambda q: (rank[id(q.hit)], q.position))
     return chosen
+
+
+def _repeats(candidate: Quoted, chosen: Quoted) -> bool:
+    """Whether `candidate` says what `chosen` says (a FAQ answer copying a policy page)."""
+    mine, theirs = content_words(candidate.text), content_words(chosen.text)
+    if not mine or not theirs:
+        return False
+    return len(mine & theirs) >= REPEAT_SHARE * min(len(mine), len(theirs))
 
 
 def _focus_cosines(index: Index, hit: Hit, focus: Search | None) -> list[float] | None:
