@@ -195,6 +195,7 @@ async def ask(
 ) -> dict[str, Any]:
     """Each conversation's messages in turn, each after the reply to the one before; the
     last reply of each conversation."""
+    before = len(await outbox(redis, settings))
     task = asyncio.create_task(worker.run())
     try:
         for n in range(max(len(m) for m in questions.values())):
@@ -202,7 +203,7 @@ async def ask(
                 if n < len(messages):
                     conv = ConversationKey("test", "w", name)
                     await submit(redis, settings, conv, messages[n], f"{name}-{n}")
-            expected = sum(min(len(m), n + 1) for m in questions.values())
+            expected = before + sum(min(len(m), n + 1) for m in questions.values())
             await wait_for(
                 lambda e=expected: _has_replies(redis, settings, e), 30, f"{expected} replies"
             )
@@ -305,6 +306,30 @@ async def test_questions_about_what_the_knowledge_base_lacks_are_declined(
             reply.text,
         )
     assert engine.requests == []  # nothing was generated, so nothing could be invented
+
+
+async def test_a_long_message_costs_a_bounded_number_of_embeddings(
+    redis: Any, kb_worker: tuple[Worker, ScriptedEngine, Settings], embedder: Embedder
+) -> None:
+    worker, _, settings = kb_worker
+    embedded: list[int] = []
+    original = embedder.embed
+
+    async def counting(texts: Any) -> Any:
+        embedded.append(len(texts))
+        return await original(texts)
+
+    embedder.embed = counting  # type: ignore[method-assign]
+    assert worker.policy.retriever is not None
+    await worker.policy.retriever.index("default")  # loads the index (embeds its vocabulary)
+    embedded.clear()
+    story = " ".join(f"On day {n} my cousin Zebulon{n} visited Quixotica{n}." for n in range(150))
+    text = f"{story} How much does standard shipping cost?"[-settings.max_message_chars :]
+    replies = await ask(redis, worker, settings, {"long": [text]})
+    assert replies["long"].kind in ("answer", "decline")
+    # The message, at most six of its sentences, and at most 64 unknown words: not one
+    # embedding per word or sentence of a pasted essay.
+    assert max(embedded) <= 1 + 6 + 64, embedded
 
 
 async def test_a_follow_up_is_answered_from_the_previous_questions_topic(

@@ -108,6 +108,7 @@ _FOLLOW_UP = re.compile(
     re.IGNORECASE,
 )
 FOLLOW_UP_MAX_WORDS = 8
+MAX_PARTS = 6  # sentences of a long message searched on their own
 
 
 def retrieval_query(history: Sequence[Message]) -> list[str]:
@@ -130,7 +131,8 @@ def question_parts(text: str) -> list[str]:
     """The sentences of a message of several ("My sister moved to London. Can I send her a
     jacket?"), each able to show that the knowledge base answers it; none for one sentence."""
     parts = [p for p in split_sentences(text) if len(content_words(p)) >= 2]
-    return parts if len(parts) > 1 else []
+    # The question is usually at the end; a long message costs a few searches, not hundreds.
+    return parts[-MAX_PARTS:] if len(parts) > 1 else []
 
 
 def pick_search(searches: Sequence[Search], min_score: float) -> tuple[Search, Search | None]:

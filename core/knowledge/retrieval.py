@@ -40,6 +40,7 @@ PASSAGE_WEIGHT = 0.5
 SENTENCE_WEIGHT = 0.5
 LEXICAL_WEIGHT = 0.25
 CANDIDATES = 50  # passages rescored lexically, the best by cosine
+MAX_QUERY_WORDS = 64  # content words of a question that count (a pasted essay is not a query)
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # Function words, and the filler of chat messages ("u", "pls", "guys", "actually"), which
@@ -190,7 +191,7 @@ class Index:
 
     def query(self, text: str) -> Query:
         words, missing, spelled = set(), set(), []
-        for word, written in surface_words(text).items():
+        for word, written in list(surface_words(text).items())[:MAX_QUERY_WORDS]:
             known = self.correct(word)
             if known is None and any(c.isdigit() for c in word):
                 continue  # an amount or a date of the customer's ("$88"), not a topic
