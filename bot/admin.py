@@ -107,7 +107,9 @@ async def cmd_kb_remove(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_kb_search(settings: Settings, args: argparse.Namespace) -> int:
-    """Show what retrieval finds for a question, with scores: for tuning the threshold."""
+    """Show what retrieval finds for a question, with scores, and whether the bot would
+    answer it: for tuning `CHATBOT_KB_MIN_SCORE`."""
+    from core.knowledge.answers import UNKNOWN_PENALTY, answer_margin, choose_sentences
     from core.knowledge.embeddings import load_embedder
     from core.knowledge.retrieval import Retriever
 
@@ -115,14 +117,24 @@ async def cmd_kb_search(settings: Settings, args: argparse.Namespace) -> int:
         embedder = await asyncio.to_thread(load_embedder)
         retriever = Retriever(KnowledgeBaseStore(redis, Keys(settings.namespace)), embedder)
         kb = args.kb or settings.kb
-        hits = await retriever.search(kb, args.question, top_k=args.top)
-    print(f"threshold (CHATBOT_KB_MIN_SCORE): {settings.kb_min_score:.3f}")
-    for hit in hits:
-        mark = "relevant" if hit.score >= settings.kb_min_score else "below"
+        [search] = await retriever.search_many(kb, [args.question], top_k=args.top)
+        index = await retriever.index(kb)
+    margin = answer_margin(search, settings.kb_min_score)
+    unknown = ", ".join(sorted(search.query.missing)) or "none"
+    print(
+        f"{'answers' if search.hits and margin >= 0 else 'declines'}: best score "
+        f"{search.best:.3f} - {UNKNOWN_PENALTY} x unknown share {search.unknown_share:.2f} "
+        f"(unknown words: {unknown}) vs CHATBOT_KB_MIN_SCORE {settings.kb_min_score:.3f}"
+    )
+    for hit in search.hits:
         print(
-            f"{hit.score:.3f} (cosine {hit.cosine:.3f}, overlap {hit.overlap:.3f}) {mark}  "
-            f"{hit.passage.title} / {hit.passage.section}"
+            f"{hit.score:.3f} (cosine {hit.cosine:.3f}, best sentence {hit.best_sentence:.3f}, "
+            f"overlap {hit.overlap:.3f})  {hit.passage.title} / {hit.passage.section}"
         )
+    if search.hits:
+        print("would quote:")
+        for quoted in choose_sentences(index, search):
+            print(f"  > {quoted.text}")
     return 0
 
 
