@@ -4,6 +4,7 @@ declining what the knowledge base does not cover."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -131,6 +132,24 @@ async def test_retrieval_finds_the_passage_with_the_fact(
         assert hits[0].score >= Settings().kb_min_score, (question, hits[0])
     far = await retriever.search("default", "Who won the 2022 FIFA World Cup?")
     assert far[0].score < Settings().kb_min_score
+
+
+async def test_a_knowledge_base_ingested_without_sentence_vectors_still_answers(
+    redis: Any, keys: Keys, kb_store: KnowledgeBaseStore, embedder: Embedder
+) -> None:
+    # As an older version stored it: passages with their vector only.
+    raw = await redis.hgetall(keys.kb_passages("default"))
+    old = {pid: json.loads(record) for pid, record in raw.items()}
+    for record in old.values():
+        del record["sentence_vectors"]
+    await redis.hset(
+        keys.kb_passages("default"), mapping={k: json.dumps(v) for k, v in old.items()}
+    )
+    await redis.incr(keys.kb_version("default"))
+    index = await Retriever(kb_store, embedder).index("default")
+    assert len(index.sentence_matrix) == sum(len(p.sentences) for p in index.passages) > 0
+    hits = await Retriever(kb_store, embedder).search("default", "how much is standard shipping?")
+    assert "$5.95" in hits[0].passage.text and len(hits[0].sentence_cosines) > 0
 
 
 async def test_misspelt_words_are_corrected_and_unknown_ones_reported(

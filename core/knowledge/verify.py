@@ -67,6 +67,7 @@ class Verifier:
         self.frames = {
             " ".join(sentence.split()).lower() for f in frames for sentence in split_sentences(f)
         }
+        self._flat = [" ".join(p.split()).lower() for p in self.passages]
         self._words = [content_words(p) for p in self.passages]
         self._sentences = [
             [(s, content_words(s)) for s in split_sentences(p)] for p in self.passages
@@ -76,7 +77,7 @@ class Verifier:
         text = " ".join(sentence.split())
         if text.lower() in self.frames:
             return Verdict(True)
-        if any(text.lower() in " ".join(p.split()).lower() for p in self.passages):
+        if any(text.lower() in passage for passage in self._flat):
             return Verdict(True)  # quoted verbatim
         claim = _YES_NO.sub("", text)
         words = content_words(claim)
