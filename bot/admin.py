@@ -108,8 +108,8 @@ async def cmd_kb_remove(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_kb_search(settings: Settings, args: argparse.Namespace) -> int:
     """Show what retrieval finds for a question, with scores, and whether the bot would
-    answer it: for tuning `CHATBOT_KB_MIN_SCORE`."""
-    from core.knowledge.answers import UNKNOWN_PENALTY, answer_margin, choose_sentences
+    answer it (the worker's own decision): for tuning `CHATBOT_KB_MIN_SCORE`."""
+    from core.knowledge.answers import UNKNOWN_PENALTY, find_answer
     from core.knowledge.embeddings import load_embedder
     from core.knowledge.retrieval import Retriever
 
@@ -117,12 +117,11 @@ async def cmd_kb_search(settings: Settings, args: argparse.Namespace) -> int:
         embedder = await asyncio.to_thread(load_embedder)
         retriever = Retriever(KnowledgeBaseStore(redis, Keys(settings.namespace)), embedder)
         kb = args.kb or settings.kb
+        found = await find_answer(retriever, kb, [args.question], settings.kb_min_score)
         [search] = await retriever.search_many(kb, [args.question], top_k=args.top)
-        index = await retriever.index(kb)
-    margin = answer_margin(search, settings.kb_min_score)
     unknown = ", ".join(sorted(search.query.missing)) or "none"
     print(
-        f"{'answers' if search.hits and margin >= 0 else 'declines'}: best score "
+        f"{'answers' if found.answer else 'declines'}: best score "
         f"{search.best:.3f} - {UNKNOWN_PENALTY} x unknown share {search.unknown_share:.2f} "
         f"(unknown words: {unknown}) vs CHATBOT_KB_MIN_SCORE {settings.kb_min_score:.3f}"
     )
@@ -131,10 +130,9 @@ async def cmd_kb_search(settings: Settings, args: argparse.Namespace) -> int:
             f"{hit.score:.3f} (cosine {hit.cosine:.3f}, best sentence {hit.best_sentence:.3f}, "
             f"overlap {hit.overlap:.3f})  {hit.passage.title} / {hit.passage.section}"
         )
-    if search.hits:
-        print("would quote:")
-        for quoted in choose_sentences(index, search):
-            print(f"  > {quoted.text}")
+    if found.answer:
+        print("would answer:")
+        print("\n".join(f"  {line}" for line in found.answer.text.splitlines()))
     return 0
 
 

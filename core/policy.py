@@ -34,13 +34,8 @@ from core.knowledge.answers import (
     GREETING_TEXT,
     NO_DOCUMENTS_TEXT,
     THANKS_TEXT,
-    TOP_PASSAGES,
-    answerable,
-    choose_sentences,
-    compose_answer,
     compose_chat,
-    pick_search,
-    question_parts,
+    find_answer,
     retrieval_query,
 )
 from core.knowledge.retrieval import Retriever
@@ -238,26 +233,18 @@ class AnswerPolicy:
     ) -> PostText:
         """A question to the knowledge base: quoted sentences, or "I don't know"."""
         assert self.retriever is not None
-        queries = retrieval_query(history)
-        parts = question_parts(queries[0])
-        found = await self.retriever.search_many(kb, queries + parts, TOP_PASSAGES)
         min_score = self.settings.kb_min_score
-        # The whole message (or, for a follow-up, with the one before) finds the passages; in
-        # a long message the knowledge base may answer one of its sentences.
-        search, focus = pick_search(found[: len(queries)], min_score)
-        if not answerable(search, min_score) and not any(
-            answerable(part, min_score) for part in found[len(queries) :]
-        ):
+        found = await find_answer(self.retriever, kb, retrieval_query(history), min_score)
+        answer = found.answer
+        if answer is None:
             log.info(
                 "nothing in %s answers %s (best score %.3f, unknown words %s): declined",
                 kb,
                 conversation.id,
-                search.best,
-                ", ".join(sorted(search.query.missing)) or "none",
+                found.search.best,
+                ", ".join(sorted(found.search.query.missing)) or "none",
             )
             return PostText(Draft(DECLINE_TEXT, "decline", {"actions": ["handoff"]}))
-        index = await self.retriever.index(kb)
-        answer = compose_answer(choose_sentences(index, search, focus))
         text, actions = answer.text, ["feedback"]
         if frustrated:
             text, actions = f"{text}\n\n{FRUSTRATION_OFFER}", ["feedback", "handoff"]

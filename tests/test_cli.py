@@ -190,7 +190,8 @@ def test_operator_commands(tmp_path: Path, redis_server: RedisServer, namespace:
     code, out, _ = run("kb", "list")
     assert "acme: 10 documents" in out and "shipping.md" in out
     code, out, _ = run("kb", "search", "how much is shipping", "--kb", "acme")
-    assert out.startswith("answers:") and "Shipping" in out and "would quote:\n  > " in out
+    assert out.startswith("answers:") and "Shipping" in out and "would answer:\n" in out
+    assert "  > " in out and "$5.95" in out.split("would answer:", 1)[1]
     code, out, _ = run("kb", "search", "do you have a discount for pensioners?", "--kb", "acme")
     assert out.startswith("declines:") and "unknown words: pensioner" in out
     code, _, err = run("workspace", "set", "slack", "T1", "--kb", "acme", "--channels", "C1, C2")

@@ -22,14 +22,13 @@ from core.knowledge.answers import (
     NO_DOCUMENTS_TEXT,
     QUOTE_INTRO,
     THANKS_TEXT,
-    invented_facts,
 )
 from core.knowledge.documents import KnowledgeBaseError, read_documents
 from core.knowledge.embeddings import Embedder
 from core.knowledge.retrieval import Retriever, content_words
 from core.knowledge.sentences import split_sentences
 from core.knowledge.store import KnowledgeBaseStore
-from core.knowledge.verify import Verifier
+from core.knowledge.verify import Verifier, invented_facts
 from core.policy import detect_intent
 from core.settings import Settings
 from core.support.workspaces import Workspaces

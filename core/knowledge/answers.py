@@ -25,20 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.conversation import Message, Role
-from core.knowledge.retrieval import Hit, Index, Search, content_words
+from core.knowledge.retrieval import Hit, Index, Retriever, Search, content_words
 from core.knowledge.sentences import split_sentences
 from core.knowledge.verify import invented_facts
-
-__all__ = [
-    "DECLINE_TEXT",
-    "QUOTE_INTRO",
-    "Answer",
-    "answerable",
-    "choose_sentences",
-    "compose_answer",
-    "invented_facts",
-    "retrieval_query",
-]
 
 DECLINE_TEXT = (
     "I'm sorry, I couldn't find anything about that in our help centre, and I'd rather not "
@@ -99,7 +88,6 @@ class Quoted:
 class Answer:
     text: str
     sources: list[str]  # what it cites, best first
-    sentences: list[str]  # the quoted sentences, in the order shown
 
 
 _FOLLOW_UP = re.compile(
@@ -146,6 +134,33 @@ def pick_search(searches: Sequence[Search], min_score: float) -> tuple[Search, S
         return together, alone
     best = max(searches, key=lambda s: answer_margin(s, min_score))
     return best, (alone if best is together else None)
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the knowledge base has for a question: the search answered from, and the
+    answer (None: it does not answer, so the bot declines)."""
+
+    search: Search
+    answer: Answer | None
+
+
+async def find_answer(
+    retriever: Retriever, kb: str, queries: Sequence[str], min_score: float
+) -> Found:
+    """The one decision, for the worker and for `chatbot kb search`: `queries` as
+    `retrieval_query` makes them. The whole message (or, for a follow-up, with the one
+    before) finds the passages; a long message that falls short is answered when the
+    knowledge base answers one of its sentences (searched only then)."""
+    searches = await retriever.search_many(kb, queries, TOP_PASSAGES)
+    search, focus = pick_search(searches, min_score)
+    if not answerable(search, min_score):
+        parts = question_parts(queries[0])
+        found = await retriever.search_many(kb, parts, TOP_PASSAGES) if parts else []
+        if not any(answerable(part, min_score) for part in found):
+            return Found(search, None)
+    index = await retriever.index(kb)
+    return Found(search, compose_answer(choose_sentences(index, search, focus)))
 
 
 def answer_margin(search: Search, min_score: float) -> float:
@@ -243,7 +258,7 @@ def compose_answer(quoted: Sequence[Quoted]) -> Answer:
     sources.insert(0, first)
     quote = "\n>\n".join(f"> {block}" for block in blocks)
     cite = f"Source: {sources[0]}" if len(sources) == 1 else "Sources: " + "; ".join(sources)
-    return Answer(f"{QUOTE_INTRO}\n\n{quote}\n\n{cite}", sources, [q.text for q in quoted])
+    return Answer(f"{QUOTE_INTRO}\n\n{quote}\n\n{cite}", sources)
 
 
 def compose_chat(generated: str, *, knowledge: bool) -> str:

@@ -247,19 +247,19 @@ class Index:
             return []
         cosines = self.vectors @ vector
         sentences = self.sentence_cosines(vector)
-        per_passage = [
-            tuple(float(c) for c in sentences[self.sentence_start[i] : self.sentence_start[i + 1]])
-            for i in range(len(self.passages))
-        ]
-        best_sentence = np.array(
-            [max(s, default=float(c)) for s, c in zip(per_passage, cosines, strict=True)]
-        )
+        starts, ends = self.sentence_start[:-1], self.sentence_start[1:]
+        # Each passage's best sentence, in one pass over every sentence (its own cosine for a
+        # passage without sentences); Python objects only for the candidates.
+        best_sentence = cosines.copy()
+        filled = ends > starts
+        if sentences.size and filled.any():
+            best_sentence[filled] = np.maximum.reduceat(sentences, starts[filled])
         dense = PASSAGE_WEIGHT * cosines + SENTENCE_WEIGHT * best_sentence
         hits = [
             Hit(
                 self.passages[i],
                 float(cosines[i]),
-                per_passage[i],
+                tuple(float(c) for c in sentences[starts[i] : ends[i]]),
                 self.share(query.words, self.words[i]),
             )
             for i in np.argsort(-dense)[: max(top_k, CANDIDATES)]
