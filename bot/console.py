@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TextIO
 
@@ -24,6 +25,7 @@ from core.keys import Keys
 from core.redis_conn import Redis, with_retry
 from core.settings import Settings
 from core.store import ConversationStore
+from core.streaming import STREAM_KIND
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,14 @@ class ConsoleChat:
         self.out = out
         self.interactive = sys.stdin.isatty() if interactive is None else interactive
 
-    async def ask(self, text: str | bytes, stop: asyncio.Event | None = None) -> str | None:
-        """Send one message and wait for the reply to it; None if none came in time."""
+    async def ask(
+        self,
+        text: str | bytes,
+        stop: asyncio.Event | None = None,
+        on_partial: Callable[[str], None] | None = None,
+    ) -> str | None:
+        """Send one message and wait for the reply to it; None if none came in time.
+        While the reply is generated, `on_partial` gets its text so far."""
         outbox = self.keys.outbox(PLATFORM)
         last: Any = await with_retry(
             "reading the outbox", lambda: self.redis.xrevrange(outbox, count=1), stop=stop
@@ -119,26 +127,32 @@ class ConsoleChat:
             return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.reply_timeout_s
+        cursors = {outbox: cursor}  # the outbox, and the stream of a reply being generated
         while (remaining_s := deadline - loop.time()) > 0:
             if stop is not None and stop.is_set():
                 return None
             block_ms = int(min(remaining_s, 1.0) * 1000) or 1
             response: Any = await with_retry(
-                "waiting for a reply", partial(self._read_outbox, cursor, block_ms), stop=stop
+                "waiting for a reply", partial(self._read, cursors, block_ms), stop=stop
             )
-            for _stream, entries in response or []:
+            for stream, entries in response or []:
                 for entry_id, fields in entries:
-                    cursor = entry_id
+                    cursors[stream] = entry_id
+                    if stream != outbox:
+                        if on_partial is not None and "text" in fields:
+                            on_partial(str(fields["text"]))
+                        continue
                     reply = Reply.from_fields(fields)
-                    if (
-                        reply.conversation == self.conversation
-                        and reply.covers_seq >= submission.seq
-                    ):
+                    if reply.conversation != self.conversation or reply.covers_seq < submission.seq:
+                        continue
+                    if reply.kind != STREAM_KIND:
                         return reply.text
+                    cursors[self.keys.reply_stream(reply.conversation, reply.reply_id)] = "0-0"
         return NO_REPLY
 
-    async def _read_outbox(self, after: str, block_ms: int) -> Any:
-        return await self.redis.xread({self.keys.outbox(PLATFORM): after}, block=block_ms)
+    async def _read(self, cursors: dict[str, str], block_ms: int) -> Any:
+        streams: dict[Any, Any] = dict(cursors)
+        return await self.redis.xread(streams, block=block_ms)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Chat until end of input, `/quit`, or `stop`."""
@@ -165,14 +179,31 @@ class ConsoleChat:
             stop_wait.cancel()
 
     async def _answer(self, line: str, stop: asyncio.Event) -> None:
-        if self.interactive:
-            self.out.write("bot> …")
-            self.out.flush()
-        reply = await self.ask(line, stop)
-        if reply is None:
-            if self.interactive:
-                self.out.write("\n")
+        if not self.interactive:  # piped: the complete reply, one per question
+            reply = await self.ask(line, stop)
+            if reply is not None:
+                self.out.write(f"{reply}\n")
+                self.out.flush()
             return
-        prefix = "\rbot> " if self.interactive else ""
-        self.out.write(f"{prefix}{reply}\n")
+        self.out.write("bot> …")
+        self.out.flush()
+        shown = ""
+
+        def grow(text: str) -> None:  # the words as they are generated
+            nonlocal shown
+            if not text.startswith(shown):
+                return
+            self.out.write(("\rbot> " if not shown else "") + text[len(shown) :])
+            self.out.flush()
+            shown = text
+
+        reply = await self.ask(line, stop, on_partial=grow)
+        if reply is None:
+            self.out.write("\n")
+        elif shown and reply.startswith(shown):
+            self.out.write(f"{reply[len(shown) :]}\n")
+        elif shown:  # the final reply differs from what was shown: say it whole
+            self.out.write(f"\n{reply}\n")
+        else:
+            self.out.write(f"\rbot> {reply}\n")
         self.out.flush()

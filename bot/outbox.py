@@ -17,10 +17,12 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from bot.streaming import PostingLock, ShowPartial, StreamFollower
 from core.conversation import Reply
 from core.jobs import consumer_name, trim_acknowledged
 from core.keys import DEAD_LETTER_MAXLEN, POSTED_TTL_S, TRIM_EVERY_S, Keys, adapter_group
 from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis, with_retry
+from core.streaming import STREAM_KIND
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class OutboxConsumer:
         *,
         reclaim_idle_s: float = 30.0,
         retry_delay_s: float = 2.0,
+        show_partial: ShowPartial | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -77,9 +80,21 @@ class OutboxConsumer:
         self.reclaim_idle_ms = int(reclaim_idle_s * 1000)
         self.retry_delay_s = retry_delay_s
         self.stopping = asyncio.Event()
+        # Without `show_partial` (a platform that cannot edit), streamed replies are
+        # posted when complete.
+        self.streams = (
+            StreamFollower(redis, keys, show_partial, self.parts_for) if show_partial else None
+        )
 
     def stop(self) -> None:
         self.stopping.set()
+
+    async def parts_for(self, reply: Reply) -> PostedParts:
+        """The parts of `reply` already on the platform (streamed ones included)."""
+        key = self.keys.posted(reply.conversation, reply.reply_id)
+        stored = await self.redis.hgetall(key)
+        done = {int(part): str(message_id) for part, message_id in stored.items()}
+        return PostedParts(self.redis, key, done)
 
     async def ensure_group(self) -> None:
         try:
@@ -103,6 +118,8 @@ class OutboxConsumer:
                     await trim_acknowledged(self.redis, self.stream)
             except TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
+        if self.streams is not None:
+            await self.streams.stop()
 
     async def step(self, block_ms: int = 1000) -> int:
         """Post what is waiting; returns how many replies were handled."""
@@ -134,11 +151,16 @@ class OutboxConsumer:
             )
             await self.redis.xack(self.stream, self.group, entry_id)
             return
-        key = self.keys.posted(reply.conversation, reply.reply_id)
-        stored = await self.redis.hgetall(key)
-        done = {int(part): str(message_id) for part, message_id in stored.items()}
+        if reply.kind == STREAM_KIND:
+            if self.streams is not None:
+                self.streams.follow(reply)
+            await self.redis.xack(self.stream, self.group, entry_id)
+            return
+        lock = PostingLock(self.redis, self.keys.posting_lock(reply.conversation, reply.reply_id))
         try:
-            await self.post(reply, PostedParts(self.redis, key, done))
+            # Under the lock a partial edit of a streamed reply cannot land after this.
+            async with lock.held():
+                await self.post(reply, await self.parts_for(reply))
         except PermanentPostError as exc:
             log.error("reply %s could not be posted and is dropped: %s", reply.reply_id, exc)
         except TRANSIENT_ERRORS:

@@ -38,9 +38,10 @@ class Collector:
         """Try `job` again next time (its conversation is busy)."""
         self.deferred[job.entry_id] = job
 
-    async def collect(self) -> list[Job]:
-        """The jobs to prepare now (see the module's docstring)."""
+    async def collect(self, room: int | None = None) -> list[Job]:
+        """The jobs to prepare now, at most `room` new ones (see the module's docstring)."""
         s = self.settings
+        room_in_batch = s.max_batch_size if room is None else room
         locked = list(self.deferred.values())
         self.deferred.clear()
         ahead = READ_AHEAD_BATCHES * s.max_batch_size
@@ -61,7 +62,7 @@ class Collector:
             elif job.entry_id not in self.deferred:
                 runnable.append(job)
         fresh = [job for job in runnable if job not in locked]
-        batch, later = fair_share(fresh, s.max_batch_size)
+        batch, later = fair_share(fresh, room_in_batch)
         await self.queue.park(later)
         return [*(job for job in runnable if job in locked), *batch]
 

@@ -15,6 +15,10 @@ DEDUPE_TTL_S = 24 * 3600
 POSTED_TTL_S = 7 * 24 * 3600
 DISPLAY_NAME_TTL_S = 24 * 3600
 PLACEHOLDER_TTL_S = 3600
+# A reply's text while it is generated (`Keys.reply_stream`): long enough for a slow reply
+# and a takeover, short because the committed reply is what lasts.
+REPLY_STREAM_TTL_S = 900
+REPLY_STREAM_MAXLEN = 20  # entries carry the whole text so far: the last few suffice
 
 
 def adapter_group(platform: str) -> str:
@@ -90,6 +94,16 @@ class Keys:
     def posted(self, conversation: ConversationKey, reply_id: str) -> str:
         """Hash: part number -> platform message id, for the parts of a reply posted so far."""
         return self._conversation(conversation) + f":posted:{reply_id}"
+
+    def reply_stream(self, conversation: ConversationKey, reply_id: str) -> str:
+        """Stream of a reply's text while it is generated: each entry holds the verified
+        text so far (`text`), the last says `done`; adapters show it growing."""
+        return self._conversation(conversation) + f":streaming:{reply_id}"
+
+    def posting_lock(self, conversation: ConversationKey, reply_id: str) -> str:
+        """Held by the adapter replica editing a streamed reply, so that a late edit of the
+        partial text never lands after the final one (token, expiring)."""
+        return self._conversation(conversation) + f":posting:{reply_id}"
 
     def reply_chain(self, platform: str, channel: str, message_id: str) -> str:
         """The conversation a bot message belongs to, so that replying to it continues it."""

@@ -34,6 +34,7 @@ from core.knowledge.answers import (
     GREETING_TEXT,
     NO_DOCUMENTS_TEXT,
     THANKS_TEXT,
+    chat_so_far,
     compose_chat,
     find_answer,
     retrieval_query,
@@ -167,6 +168,11 @@ class Generate:
             text = f"{text}\n\n{FRUSTRATION_OFFER}"
             meta["actions"] = ["feedback", "handoff"]
         return Draft(text, meta=meta)
+
+    def so_far(self, generated: str) -> str:
+        """What may be shown while the reply is generated: never more than `draft`'s text
+        will start with, and nothing a check of the final reply could remove."""
+        return chat_so_far(generated, knowledge=self.knowledge)
 
 
 Plan = StayQuiet | ConfirmForget | ForgetUser | StartHandoff | PostText | Generate

@@ -153,6 +153,8 @@ class Settings:
     max_message_chars: int = _env("CHATBOT_MAX_MESSAGE_CHARS", _positive_int, default=4000)
     max_batch_size: int = _env("CHATBOT_MAX_BATCH_SIZE", _positive_int, default=16)
     batch_wait_ms: int = _env("CHATBOT_BATCH_WAIT_MS", _positive_int, default=30)
+    # Replies appear as they are generated ("on") or when complete ("off").
+    streaming: bool = _env("CHATBOT_STREAMING", _flag, default=True)
     max_deliveries: int = _env("CHATBOT_MAX_DELIVERIES", _positive_int, default=3)
     reclaim_idle_s: float = _env("CHATBOT_RECLAIM_IDLE_S", _positive_float, default=30.0)
     lock_ttl_s: float = _env("CHATBOT_LOCK_TTL_S", _positive_float, default=20.0)

@@ -11,6 +11,9 @@ Guarantees, with any number of workers against one Redis:
 - Exactly one reply as the user sees it: a reply is committed with a Lua script that
   records the highest user message it answers (`answered`), so a redelivered or duplicated
   job for an answered message is acknowledged without a second reply.
+- Continuous: a job joins the engine's running batch as soon as it is prepared, and its
+  reply streams out while it is generated (`core.streaming`); the next jobs are collected
+  meanwhile, up to `max_batch_size` replies in the making.
 - Order within a conversation: one worker at a time holds the conversation's lock; a burst
   of messages that arrive before generation starts is answered once, with all in context.
 - Poison jobs go to the dead-letter stream after `max_deliveries`, and the user gets an
@@ -51,6 +54,7 @@ from core.policy import (
 from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis, with_retry
 from core.settings import Settings
 from core.store import ConversationLock, ConversationStore
+from core.streaming import ReplyPublisher
 from core.support.feedback import Feedback
 from core.support.forget import ForgetRequests
 from core.support.handoff import Handoffs, hand_over
@@ -102,6 +106,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.collector = Collector(self.queue, settings, self._give_up)
         self._in_flight: dict[str, Prepared] = {}
+        self._answering: set[asyncio.Task[None]] = set()
         self.liveness = Liveness(
             self.queue,
             self.store,
@@ -130,7 +135,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 try:
-                    await self.step()
+                    await self.step(wait=False)
                     backoff.succeeded()
                 except TRANSIENT_ERRORS as exc:
                     await backoff.failed(exc)
@@ -144,6 +149,7 @@ class Worker:
                     log.exception("worker step failed; going on in %.0f s", STEP_FAILURE_PAUSE_S)
                     await asyncio.sleep(STEP_FAILURE_PAUSE_S)
         finally:
+            await self.drain()
             heartbeat.cancel()
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 await self.queue.redis.delete(self.queue.keys.worker(self.consumer))
@@ -153,15 +159,28 @@ class Worker:
                 self.delivery.replies_published,
             )
 
-    async def step(self) -> int:
-        """Collect a batch of jobs, answer them, and return how many jobs were handled."""
-        jobs = await self.collector.collect()
+    async def step(self, *, wait: bool = True) -> int:
+        """Take as many jobs as there is room for in the batch and start answering them;
+        return how many jobs were taken. With `wait`, return once they are answered;
+        without, they join the engine's running batch while the next ones are collected."""
+        room = self.settings.max_batch_size - len(self._answering)
+        if room <= 0:
+            await asyncio.wait(set(self._answering), return_when=asyncio.FIRST_COMPLETED)
+            return 0
+        jobs = await self.collector.collect(room)
         if not jobs:
             return 0
         prepared = await self._prepare(jobs)
-        if prepared:
-            await self._generate_and_commit(prepared)
+        tasks = [self._start(item) for item in prepared]
+        if wait and tasks:
+            await asyncio.wait(tasks)
         return len(jobs)
+
+    async def drain(self) -> None:
+        """Wait for the replies being generated (on shutdown)."""
+        if self._answering:
+            log.info("finishing %d replies before stopping", len(self._answering))
+            await asyncio.wait(set(self._answering))
 
     # -- collecting -------------------------------------------------------------------
 
@@ -297,49 +316,63 @@ class Worker:
 
     # -- generating and committing ----------------------------------------------------
 
-    async def _generate_and_commit(self, batch: list[Prepared]) -> None:
-        for item in batch:
-            self._in_flight[item.request.request_id] = item
+    def _start(self, item: Prepared) -> asyncio.Task[None]:
+        self._in_flight[item.request.request_id] = item
+        task = asyncio.create_task(self._answer(item), name=f"answer {item.request.request_id}")
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+        return task
+
+    async def _answer(self, item: Prepared) -> None:
+        """Generate one reply (streaming what may be shown), commit it, release the lock."""
+        publisher = None
+        if self.settings.streaming:
+            draft = Draft("", meta={"user": item.newest.author_id})
+            shell = reply_to(item.newest, item.conversation, draft)
+            publisher = ReplyPublisher(
+                self.queue.redis, self.queue.keys, self.outbox, shell, item.plan.so_far
+            )
         started = time.monotonic()
         try:
-            generations = await self._generate([p.request for p in batch])
+            generation = await self._generate(item.request, publisher)
             elapsed_s = time.monotonic() - started
-            new_tokens = sum(g.new_tokens for g in generations)
             log.info(
-                "generated %d replies, %d tokens in %.2f s (%.1f tok/s)",
-                len(batch),
-                new_tokens,
+                "generated %s: %d tokens in %.2f s (%.1f tok/s, %s)",
+                item.request.request_id,
+                generation.new_tokens,
                 elapsed_s,
-                new_tokens / max(elapsed_s, 1e-9),
+                generation.new_tokens / max(elapsed_s, 1e-9),
+                generation.finish_reason,
             )
-            for item, generation in zip(batch, generations, strict=True):
-                try:
-                    await self._finish(item, generation)
-                except TRANSIENT_ERRORS:
-                    raise
-                except Exception:
-                    log.exception(
-                        "finishing %s failed; its jobs will be retried", item.request.request_id
-                    )
+            if publisher is not None:
+                await publisher.stop()
+            await self._finish(item, generation)
+        except TRANSIENT_ERRORS as exc:
+            log.warning(
+                "could not finish %s (%s); its jobs will be retried", item.request.request_id, exc
+            )
+        except Exception:
+            log.exception("finishing %s failed; its jobs will be retried", item.request.request_id)
         finally:
-            for item in batch:
-                self._in_flight.pop(item.request.request_id, None)
-                await item.release.aclose()  # no-op for those `_finish` released
-        await with_retry("announcing the worker", self.liveness.announce)
+            if publisher is not None:
+                await publisher.close()
+            self._in_flight.pop(item.request.request_id, None)
+            await item.release.aclose()  # a no-op when `_finish` released it
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self.liveness.announce()
 
-    async def _generate(self, requests: list[GenerationRequest]) -> list[Generation]:
-        """Generations for `requests`; if the batch fails, each is tried alone so that one
-        poison request cannot sink the others."""
+    async def _generate(
+        self, request: GenerationRequest, publisher: ReplyPublisher | None
+    ) -> Generation:
+        """The generation of `request`; a failure comes back as finish_reason "error"."""
         try:
-            return await self.engine.generate(requests)
+            if publisher is None:
+                [generation] = await self.engine.generate([request])
+                return generation
+            return await self.engine.stream(request, publisher.on_text)
         except Exception as exc:
-            log.exception("generation of a batch of %d requests failed", len(requests))
-            if len(requests) == 1:
-                return [Generation(requests[0].request_id, "", "error", error=repr(exc))]
-        results = []
-        for request in requests:
-            results += await self._generate([request])
-        return results
+            log.exception("generation of %s failed", request.request_id)
+            return Generation(request.request_id, "", "error", error=repr(exc))
 
     async def _finish(self, item: Prepared, generation: Generation) -> None:
         async with item.release:

@@ -60,6 +60,9 @@ def make_settings(redis_server: RedisServer, namespace: str, tmp_path: Path) -> 
             # A persona of its own makes the bot a chat model (see AnswerPolicy): most tests
             # exercise the generation path with the tiny model.
             "CHATBOT_PERSONA": TEST_PERSONA,
+            # Most adapter tests check what is posted once a reply is complete; the
+            # streaming tests (tests/test_streaming*.py) turn it on.
+            "CHATBOT_STREAMING": "off",
         }
         values.update(overrides)
         return Settings.from_mapping({k: v for k, v in values.items() if v is not None})

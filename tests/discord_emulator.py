@@ -193,6 +193,7 @@ class RestCall:
     headers: dict[str, str]
     status: int = 0
     response: Any = None
+    at_s: float = field(default_factory=time.monotonic)  # when it arrived
 
     @property
     def route(self) -> str:

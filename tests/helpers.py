@@ -8,13 +8,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from core.conversation import ConversationKey, Reply
-from core.generation.engine import ChatTurn, Generation, GenerationRequest
+from core.generation.engine import ChatTurn, Generation, GenerationRequest, TextListener
 from core.generation.transformers_engine import TransformersEngine
 from core.inbound import Submission, submit_user_message
 from core.jobs import JobQueue
 from core.keys import Keys
 from core.settings import Settings
 from core.store import ConversationStore
+from core.streaming import STREAM_KIND
 
 
 class RecordingEngine:
@@ -23,7 +24,8 @@ class RecordingEngine:
 
     def __init__(self, inner: TransformersEngine, fail_marker: str = "") -> None:
         self.inner = inner
-        self.batches: list[list[GenerationRequest]] = []
+        self.batches: list[list[GenerationRequest]] = []  # `generate` calls
+        self.streamed: list[GenerationRequest] = []  # `stream` calls
         self.fail_marker = fail_marker
 
     @property
@@ -42,12 +44,18 @@ class RecordingEngine:
             raise RuntimeError("poisoned request")
         return await self.inner.generate(requests)
 
+    async def stream(self, request: GenerationRequest, on_text: TextListener) -> Generation:
+        self.streamed.append(request)
+        if self.fail_marker and self.fail_marker in request.turns[-1]["content"]:
+            raise RuntimeError("poisoned request")
+        return await self.inner.stream(request, on_text)
+
     def close(self) -> None:
         pass
 
     @property
     def requests(self) -> list[GenerationRequest]:
-        return [r for batch in self.batches for r in batch]
+        return [r for batch in self.batches for r in batch] + self.streamed
 
 
 def make_store(redis: Any, settings: Settings) -> ConversationStore:
@@ -76,6 +84,11 @@ async def submit(
 
 
 async def outbox(redis: Any, settings: Settings, platform: str = "test") -> list[Reply]:
+    """The replies in a platform's outbox (not the entries that open a streamed one)."""
+    return [r for r in await outbox_entries(redis, settings, platform) if r.kind != STREAM_KIND]
+
+
+async def outbox_entries(redis: Any, settings: Settings, platform: str = "test") -> list[Reply]:
     entries = await redis.xrange(Keys(settings.namespace).outbox(platform))
     return [Reply.from_fields(fields) for _, fields in entries]
 
@@ -105,6 +118,7 @@ class ScriptedEngine(RecordingEngine):
         self.answer = answer
         # Nothing is generated, so a context larger than the inner model's is fine.
         self._context_tokens = context_tokens
+        self.word_delay_s = 0.0
 
     @property
     def context_tokens(self) -> int:
@@ -113,6 +127,16 @@ class ScriptedEngine(RecordingEngine):
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         self.batches.append(list(requests))
         return [Generation(r.request_id, self.answer(r), "stop", new_tokens=1) for r in requests]
+
+    async def stream(self, request: GenerationRequest, on_text: TextListener) -> Generation:
+        """The scripted answer, word by word (each word a moment after the last)."""
+        self.streamed.append(request)
+        text = self.answer(request)
+        words = text.split(" ")
+        for count in range(1, len(words) + 1):
+            on_text(" ".join(words[:count]))
+            await asyncio.sleep(self.word_delay_s)
+        return Generation(request.request_id, text, "stop", new_tokens=len(words))
 
 
 def echo_answer(request: GenerationRequest) -> str:

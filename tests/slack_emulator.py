@@ -331,6 +331,7 @@ class ApiCall:
     headers: dict[str, str]
     status: int = 200
     response: JsonDict = field(default_factory=dict)
+    at_s: float = field(default_factory=time.monotonic)  # when it arrived
 
     @property
     def token(self) -> str | None:
@@ -357,6 +358,7 @@ class _Message:
     thread_ts: str | None
     blocks: Any
     deleted: bool = False
+    streaming: bool = False  # opened by chat.startStream and not yet stopped or expired
 
 
 class SlackEmulator:
@@ -400,6 +402,9 @@ class SlackEmulator:
             "chat.update": self._chat_update,
             "chat.getPermalink": self._chat_get_permalink,
             "chat.delete": self._chat_delete,
+            "chat.startStream": self._chat_start_stream,
+            "chat.appendStream": self._chat_append_stream,
+            "chat.stopStream": self._chat_stop_stream,
             "users.info": self._users_info,
             "usergroups.users.list": self._usergroups_users_list,
             "conversations.members": self._conversations_members,
@@ -496,6 +501,22 @@ class SlackEmulator:
         self.users[user_id] = self._user(user_id, real_name, display_name, is_bot)
 
     # -- inspection -------------------------------------------------------------
+
+    def without_streaming(self) -> None:
+        """Answer the streaming methods as a workspace without them does: unknown_method."""
+        for method in ("chat.startStream", "chat.appendStream", "chat.stopStream"):
+            self._handlers.pop(method, None)
+
+    def expire_streams(self) -> int:
+        """What Slack does to a stream after about 5 minutes: it is no longer streaming
+        (appendStream and stopStream answer message_not_in_streaming_state)."""
+        expired = [m for m in self._messages if m.streaming]
+        for m in expired:
+            m.streaming = False
+        return len(expired)
+
+    def message(self, channel: str, ts: str) -> _Message | None:
+        return self._find({"channel": channel, "ts": ts})
 
     def calls_to(self, method: str) -> list[ApiCall]:
         return [call for call in self.calls if call.method == method]
@@ -760,6 +781,43 @@ class SlackEmulator:
             "text": found.text,
             "message": self._bot_message(found.text, found.ts, found.blocks, found.thread_ts),
         }
+
+    def _chat_start_stream(self, params: JsonDict) -> JsonDict:
+        channel, thread_ts = params.get("channel"), params.get("thread_ts")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        if not thread_ts:
+            return {"ok": False, "error": "invalid_arguments"}
+        if str(channel).startswith("C") and not (
+            params.get("recipient_team_id") and params.get("recipient_user_id")
+        ):  # "Required when streaming to channels"
+            return {"ok": False, "error": "invalid_arguments"}
+        ts = next_ts()
+        text = str(params.get("markdown_text") or "")
+        self._messages.append(_Message(channel, ts, text, thread_ts, None, streaming=True))
+        self.posted.append({**params, "text": text, "thread_ts": thread_ts, "ts": ts})
+        return {"channel": channel, "ts": ts}
+
+    def _chat_append_stream(self, params: JsonDict) -> JsonDict:
+        found = self._find(params)
+        if found is None:
+            return {"ok": False, "error": "message_not_found"}
+        if not found.streaming:
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        found.text += str(params.get("markdown_text") or "")
+        return {"channel": found.channel, "ts": found.ts}
+
+    def _chat_stop_stream(self, params: JsonDict) -> JsonDict:
+        found = self._find(params)
+        if found is None:
+            return {"ok": False, "error": "message_not_found"}
+        if not found.streaming:
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        found.text += str(params.get("markdown_text") or "")
+        if params.get("blocks"):
+            found.blocks = _json_field(params["blocks"])
+        found.streaming = False
+        return {"channel": found.channel, "ts": found.ts, "message": {"text": found.text}}
 
     def _chat_get_permalink(self, params: JsonDict) -> JsonDict:
         channel, ts = str(params.get("channel", "")), str(params.get("message_ts", ""))

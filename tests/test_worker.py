@@ -96,8 +96,10 @@ async def test_conversations_are_isolated_and_generated_in_one_batch(
     engine = RecordingEngine(tiny_engine)
     worker = Worker(redis, settings, engine)
     await worker.queue.ensure_group()
+    tiny_engine.batcher.peak_batch_size = 0
     await worker.step()
-    assert len(engine.batches) == 1 and len(engine.batches[0]) == 2
+    assert len(engine.requests) == 2
+    assert tiny_engine.batcher.peak_batch_size == 2  # decoded together
     prompts = {r.request_id.split(":")[3]: str(r.turns) for r in engine.requests}
     assert "alpha" in prompts["thread-a"] and "beta" not in prompts["thread-a"]
     assert "beta" in prompts["thread-b"] and "alpha" not in prompts["thread-b"]

@@ -119,6 +119,7 @@ class DiscordAdapter:
             PLATFORM,
             self.poster.post_reply,
             reclaim_idle_s=settings.reclaim_idle_s,
+            show_partial=self.poster.show_partial,
         )
         self._typing: set[asyncio.Task[None]] = set()
         self._spooled = 0  # messages waiting for Redis
@@ -289,6 +290,9 @@ class DiscordAdapter:
                 while time.monotonic() < deadline:
                     if (await self.store.state(conversation)).answered >= seq:
                         return
+                    streams = self.outbox.streams
+                    if streams is not None and streams.is_following(conversation.id):
+                        return  # the first words are showing
                     await asyncio.sleep(0.5)
         except (discord.HTTPException, *TRANSIENT_ERRORS) as exc:
             log.debug("typing indicator in %s stopped: %s", conversation.id, exc)

@@ -2,6 +2,9 @@
 
 - Replies: as a reply to the triggering message, split below 2,000 characters (never inside
   a code block), and unable to ping @everyone or roles; discord.py waits out rate limits.
+- While a reply is generated it grows in place (`show_partial`, paced per channel by
+  bot/streaming.py; a new message before 2,000 characters), and the committed reply edits
+  those same messages into the final ones.
   Answers get 👍/👎 reactions that rate them, and a reply to one of the bot's messages
   continues its conversation.
 - A handoff alert goes to the workspace's support channel, pinging the support role, with
@@ -10,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -18,6 +22,7 @@ import discord
 
 from bot.chunking import split_message
 from bot.outbox import PermanentPostError, PostedParts
+from bot.streaming import stream_part, streamed_messages
 from core.conversation import ConversationKey, Reply
 from core.keys import POSTED_TTL_S, Keys
 from core.redis_conn import Redis
@@ -51,6 +56,23 @@ class DiscordPoster:
         self.redis = redis
         self.keys = keys
         self.history_ttl_s = history_ttl_s
+        # What each streamed message of a reply shows (this process's edits only).
+        self._shown: dict[str, dict[int, str]] = {}
+
+    async def show_partial(self, reply: Reply, text: str, parts: PostedParts) -> None:
+        """Show a reply still being generated: its streamed messages edited to `text`
+        (a new one when it outgrows the last)."""
+        channel = self.client.get_partial_messageable(int(reply.conversation.channel))
+        streamed = streamed_messages(parts.done)
+        shown = self._shown.setdefault(reply.reply_id, {})
+        for index, chunk in enumerate(split_message(text, MESSAGE_LIMIT)):
+            if index not in streamed:
+                sent = await self._send(reply, channel, chunk, stream_part(index), index, None)
+                await parts.record(stream_part(index), str(sent.id))
+                await self._remember_chain(reply, sent)
+            elif shown.get(index) != chunk:
+                await channel.get_partial_message(int(streamed[index])).edit(content=chunk)
+            shown[index] = chunk
 
     async def post_reply(self, reply: Reply, parts: PostedParts) -> None:
         if reply.kind == "support":
@@ -58,32 +80,24 @@ class DiscordPoster:
             return
         conversation = reply.conversation
         channel = self.client.get_partial_messageable(int(conversation.channel))
-        reference = None
-        if reply.reply_to:  # a notice (the bot is back…) answers no message
-            reference = discord.MessageReference(
-                message_id=int(reply.reply_to),
-                channel_id=int(conversation.channel),
-                fail_if_not_exists=False,
-            )
         chunks = split_message(reply.text, MESSAGE_LIMIT)
         last = len(chunks) - 1
         rated = "feedback" in reply.actions
+        streamed = streamed_messages(parts.done)
+        self._shown.pop(reply.reply_id, None)
         for index, chunk in enumerate(chunks):
             if index in parts.done:
                 continue  # posted before a crash or a retry
             view = _buttons(reply) if index == last else None  # under the last part
-            try:
-                sent = await channel.send(
-                    chunk,
-                    # Discord drops a second message with the same nonce (enforce_nonce):
-                    # a part posted just before a crash is not posted twice.
-                    nonce=part_nonce(reply.reply_id, index),
-                    reference=reference if index == 0 else None,  # type: ignore[arg-type]
-                    allowed_mentions=REPLY_MENTIONS,
-                    view=view,  # type: ignore[arg-type]
-                )
-            except (discord.Forbidden, discord.NotFound) as exc:
-                raise PermanentPostError(f"Discord refused it: {exc}") from exc
+            if index in streamed:  # shown while it was generated: becomes the final part
+                try:
+                    sent = await channel.get_partial_message(int(streamed[index])).edit(
+                        content=chunk, view=view
+                    )
+                except discord.NotFound:  # deleted meanwhile: post it anew
+                    sent = await self._send(reply, channel, chunk, index, index, view)
+            else:
+                sent = await self._send(reply, channel, chunk, index, index, view)
             if index == last and rated:  # before the reactions, so that none is missed
                 await self.redis.set(
                     self.keys.reply_of_message(PLATFORM, conversation.channel, str(sent.id)),
@@ -93,12 +107,50 @@ class DiscordPoster:
             await parts.record(index, str(sent.id))
             if index == last and rated:
                 await _add_reactions(sent, list(FEEDBACK_EMOJI))
-            if conversation.thread:  # a reply to this message continues the conversation
-                await self.redis.set(
-                    self.keys.reply_chain(PLATFORM, conversation.channel, str(sent.id)),
-                    conversation.thread,
-                    ex=self.history_ttl_s,
-                )
+            await self._remember_chain(reply, sent)
+        for index, message_id in streamed.items():  # streamed beyond the final reply
+            if index > last:
+                with contextlib.suppress(discord.HTTPException):
+                    await channel.get_partial_message(int(message_id)).delete()
+
+    async def _send(
+        self,
+        reply: Reply,
+        channel: discord.PartialMessageable,
+        chunk: str,
+        part: int,
+        index: int,
+        view: discord.ui.View | None,
+    ) -> discord.Message:
+        """Post one part of a reply (the first one as a reply to the customer's message)."""
+        reference = None
+        if reply.reply_to and index == 0:  # a notice (the bot is back…) answers no message
+            reference = discord.MessageReference(
+                message_id=int(reply.reply_to),
+                channel_id=int(reply.conversation.channel),
+                fail_if_not_exists=False,
+            )
+        try:
+            return await channel.send(
+                chunk,
+                # Discord drops a second message with the same nonce (enforce_nonce): a
+                # part posted just before a crash is not posted twice.
+                nonce=part_nonce(reply.reply_id, part),
+                reference=reference,  # type: ignore[arg-type]
+                allowed_mentions=REPLY_MENTIONS,
+                view=view,  # type: ignore[arg-type]
+            )
+        except (discord.Forbidden, discord.NotFound) as exc:
+            raise PermanentPostError(f"Discord refused it: {exc}") from exc
+
+    async def _remember_chain(self, reply: Reply, sent: discord.Message) -> None:
+        conversation = reply.conversation
+        if conversation.thread:  # a reply to this message continues the conversation
+            await self.redis.set(
+                self.keys.reply_chain(PLATFORM, conversation.channel, str(sent.id)),
+                conversation.thread,
+                ex=self.history_ttl_s,
+            )
 
     async def _post_support_alert(self, reply: Reply, parts: PostedParts) -> None:
         """The handoff alert in the support channel: who to ping, who asked, a link."""

@@ -98,6 +98,7 @@ class SlackAdapter(SlackCommands):
             PLATFORM,
             self.poster.post_reply,
             reclaim_idle_s=settings.reclaim_idle_s,
+            show_partial=self.poster.show_partial if settings.streaming else None,
         )
 
     # -- inbound ------------------------------------------------------------------------
@@ -166,7 +167,10 @@ class SlackAdapter(SlackCommands):
         if submission.reply_text:  # rejected, rate-limited or busy: say so at once
             self._later(self.poster.say(conversation, submission.reply_text))
         elif submission.outcome is Outcome.QUEUED:
-            self._later(self.poster.show_working(conversation))
+            if self.settings.streaming:
+                self._later(self.poster.show_thinking(conversation))
+            else:
+                self._later(self.poster.show_working(conversation))
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` after the acknowledgement; failures are logged."""

@@ -6,7 +6,7 @@ can stand behind `Engine`; the worker knows nothing else about generation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -19,6 +19,7 @@ class GenerationRequest:
     request_id: str
     turns: Sequence[ChatTurn]
     max_new_tokens: int
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's own end-of-turn tokens
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class Generation:
     prompt_tokens: int = 0
     new_tokens: int = 0
     error: str = ""  # for operators only, when finish_reason == "error"
+
+
+# Called with the reply's text so far, each time it grows, on the caller's event loop.
+TextListener = Callable[[str], None]
 
 
 class Engine(Protocol):
@@ -48,6 +53,12 @@ class Engine(Protocol):
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """One Generation per request, same order. Failures of one request come back as
         finish_reason "error"; an exception means the whole call failed."""
+        ...
+
+    async def stream(self, request: GenerationRequest, on_text: TextListener) -> Generation:
+        """Generate one request, calling `on_text` with the text so far as it grows;
+        other requests may join and leave the batch meanwhile. Cancelling the awaiting task
+        stops the request and frees its place."""
         ...
 
     def close(self) -> None: ...

@@ -1,9 +1,10 @@
-"""A transformers causal LM behind the `Engine` contract, with dynamic batching.
+"""A transformers causal LM behind the `Engine` contract.
 
-Requests that arrive together are generated together: prompts are sorted by length, left
-padded into batches of at most `max_batch_size`, and decoded in one `generate` call per
-batch. On this 2-core CPU a batch of 8 gives several times the tokens per second of eight
-one-at-a-time calls (see bench/throughput.py).
+`stream` and `generate` go through continuous batching (`core.generation.batcher`): every
+request joins the running batch at the next decoding step and leaves it when it is done, so
+no reply waits for a longer one. `generate_sync` is the older padded path (prompts sorted by
+length, left padded, one `generate` call per batch), kept for the benchmarks that compare
+the two (bench/serving.py, bench/throughput.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from core.generation.engine import ChatTurn, Generation, GenerationRequest
+from core.generation.batcher import ContinuousBatcher, Submitted
+from core.generation.engine import ChatTurn, Generation, GenerationRequest, TextListener
 from core.generation.model_files import Progress, load_model
 from core.settings import Settings
 
@@ -65,6 +67,15 @@ class TransformersEngine:
         self.max_batch_size = max_batch_size
         self.pad_id = self._pad_id()
         self.stop_ids = self._stop_ids()
+        self.batcher = ContinuousBatcher(
+            model,
+            executor=self.executor,
+            pad_id=self.pad_id,
+            stop_ids=self.stop_ids,
+            decode=lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=True)),
+            max_batch_size=max_batch_size,
+            repetition_penalty=REPETITION_PENALTY,
+        )
 
     @property
     def context_tokens(self) -> int:
@@ -128,7 +139,36 @@ class TransformersEngine:
         return kept
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        # The engine's single thread also serialises calls: the device is the bottleneck.
+        return list(await asyncio.gather(*(self.stream(r, None) for r in requests)))
+
+    async def stream(self, request: GenerationRequest, on_text: TextListener | None) -> Generation:
+        loop = asyncio.get_running_loop()
+        try:
+            ids = self.encode(request.turns)
+        except Exception as exc:  # a broken request fails alone
+            log.exception("could not build the prompt for request %s", request.request_id)
+            return _failed(request, exc)
+        finished: asyncio.Future[Generation] = loop.create_future()
+
+        def done(generation: Generation) -> None:  # on the engine thread
+            _call_soon(loop, _resolve, finished, generation)
+
+        forward: TextListener | None = None
+        if on_text is not None:
+            listener = on_text
+
+            def forward(text: str) -> None:  # on the engine thread
+                _call_soon(loop, listener, text)
+
+        self.batcher.submit(Submitted(request, ids, forward, done))
+        try:
+            return await asyncio.shield(finished)
+        except asyncio.CancelledError:
+            self.batcher.cancel(request.request_id)
+            raise
+
+    async def generate_padded(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """The padded path, on the engine thread (for benchmarks that compare the two)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.generate_sync, requests)
 
@@ -216,6 +256,16 @@ class TransformersEngine:
         self.executor.shutdown(wait=False)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+        loop.call_soon_threadsafe(callback, *args)
+
+
+def _resolve(future: asyncio.Future[Generation], generation: Generation) -> None:
+    if not future.done():
+        future.set_result(generation)
 
 
 def _failed(request: GenerationRequest, exc: BaseException) -> Generation:

@@ -263,8 +263,38 @@ def compose_answer(quoted: Sequence[Quoted]) -> Answer:
 
 def compose_chat(generated: str, *, knowledge: bool) -> str:
     """A free-chat reply (a team's own persona): with a knowledge base loaded, no fact may
-    come from the model."""
+    come from the model, so the reply ends before the first sentence that states one (and
+    is a fixed reply if that is the first)."""
     text = generated.strip()
-    if knowledge and invented_facts(text, []):
-        return SMALL_TALK_FALLBACK
-    return text
+    if knowledge:
+        text = _before_first_fact(text)
+    return text or SMALL_TALK_FALLBACK
+
+
+def chat_so_far(generated: str, *, knowledge: bool) -> str:
+    """What may be shown of a free-chat reply still being generated: never more than the
+    final reply (`compose_chat`) will start with. With a knowledge base loaded, whole
+    sentences that state no fact; otherwise whole words."""
+    text = generated.lstrip()
+    if knowledge:
+        # A sentence is whole once something follows its full stop ("2." may become "2.5").
+        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        return _before_first_fact(text[: ends[-1]]) if ends else ""
+    cut = max(text.rfind(" "), text.rfind("\n"))
+    return text[:cut].rstrip() if cut > 0 else ""
+
+
+_SENTENCE_END = re.compile(r"[.!?…](?=\s)")
+
+
+def _before_first_fact(text: str) -> str:
+    """`text` up to the first sentence with a fact (a number, an address) of its own."""
+    kept = 0
+    for match in re.finditer(r".*?(?:[.!?…](?=\s|$)|$)", text, re.DOTALL):
+        sentence = match.group(0)
+        if not sentence:
+            break
+        if invented_facts(sentence, []):
+            break
+        kept = match.end()
+    return text[:kept].strip()
