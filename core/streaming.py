@@ -70,6 +70,11 @@ class ReplyPublisher:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def shown(self) -> str:
+        """The text made visible so far (published or about to be)."""
+        return self._latest
+
     def on_text(self, text: str) -> None:
         if self._stopping.is_set():
             return

@@ -64,6 +64,7 @@ from core.support.workspaces import Workspaces
 log = logging.getLogger(__name__)
 
 STEP_FAILURE_PAUSE_S = 1.0
+HANDOFF_CHECK_S = 1.0  # how often a reply being generated checks for a person taking over
 
 
 @dataclass
@@ -334,7 +335,11 @@ class Worker:
             )
         started = time.monotonic()
         try:
-            generation = await self._generate(item.request, publisher)
+            generation = await self._generate_unless_handed_off(item, publisher)
+            if generation is None:  # a person took over: nothing more from the bot
+                await self.store.mark_answered(item.conversation, item.newest.seq)
+                await self.queue.ack([j.entry_id for j in item.jobs])
+                return
             elapsed_s = time.monotonic() - started
             log.info(
                 "generated %s: %d tokens in %.2f s (%.1f tok/s, %s)",
@@ -360,6 +365,33 @@ class Worker:
             await item.release.aclose()  # a no-op when `_finish` released it
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 await self.liveness.announce()
+
+    async def _generate_unless_handed_off(
+        self, item: Prepared, publisher: ReplyPublisher | None
+    ) -> Generation | None:
+        """The generation, stopped (its place in the batch freed) if a person takes the
+        conversation over meanwhile: then what was already shown becomes the reply (the
+        user saw it), or None when nothing was."""
+        generating = asyncio.create_task(self._generate(item.request, publisher))
+        watching = asyncio.create_task(self._wait_for_handoff(item.conversation))
+        try:
+            await asyncio.wait({generating, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+        if generating.done():
+            return generating.result()
+        generating.cancel()
+        log.info("%s was handed to a person: generation stopped", item.request.request_id)
+        if publisher is None or not publisher.opened:
+            return None
+        return Generation(item.request.request_id, publisher.shown, "stop")
+
+    async def _wait_for_handoff(self, conversation: ConversationKey) -> None:
+        while True:
+            await asyncio.sleep(HANDOFF_CHECK_S)
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                if await self.handoffs.get(conversation) is not None:
+                    return
 
     async def _generate(
         self, request: GenerationRequest, publisher: ReplyPublisher | None

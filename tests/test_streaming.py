@@ -151,3 +151,35 @@ def test_with_a_knowledge_base_only_fact_free_whole_sentences_show() -> None:
     # Without one, words show as they come, never a half-written word.
     assert chat_so_far("Hello there, frie", knowledge=False) == "Hello there,"
     assert compose_chat("Our fee is 25 dollars.", knowledge=True) != "Our fee is 25 dollars."
+
+
+async def test_a_handoff_stops_the_reply_being_generated(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine, keys: Keys
+) -> None:
+    from core.support.handoff import Handoffs
+
+    settings: Settings = make_settings(CHATBOT_STREAMING="on")
+    words = " ".join(f"word{i}" for i in range(60)) + "."
+    engine = ScriptedEngine(tiny_engine, lambda _r: words)
+    engine.word_delay_s = 0.2  # 12 s for the whole reply
+    worker = Worker(redis, settings, engine)
+    task = asyncio.create_task(worker.run())
+    try:
+        await submit(redis, settings, A, "tell me a lot", "m1")
+        stream = keys.reply_stream(A, f"{A.id}:1")
+
+        async def streaming() -> bool:
+            return bool(await redis.exists(stream))
+
+        await wait_for(streaming, 30, "the reply to start streaming")
+        await Handoffs(redis, keys, 3600).start(A, "u1", "U1", "asked for a person")
+
+        async def committed() -> bool:
+            return len(await outbox(redis, settings)) == 1
+
+        await wait_for(committed, 8, "the reply to stop")  # long before its 12 s
+    finally:
+        worker.stop()
+        await task
+    [reply] = await outbox(redis, settings)
+    assert words.startswith(reply.text) and len(reply.text) < len(words) / 2

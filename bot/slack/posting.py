@@ -112,7 +112,12 @@ class SlackPoster:
         if stream is None:
             self._streams[reply.reply_id] = await self._open_stream(reply, text, parts)
             return
-        if stream.native and text.startswith(stream.shown):
+        if stream.native and not text.startswith(stream.shown):
+            # The reply is being generated again (a worker took it over): start over in
+            # the same message, edited whole.
+            await self._stop_stream(reply, stream.ts)
+            stream.native = False
+        if stream.native:
             try:
                 await self.client.chat_appendStream(
                     channel=reply.conversation.channel,

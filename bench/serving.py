@@ -1,0 +1,404 @@
+"""A serving benchmark with vLLM's definitions, through the real worker and Redis.
+
+Each request is a customer message submitted the way an adapter does (`submit_user_message`:
+stored, deduplicated, queued), in a conversation of its own, answered by a real `Worker` with
+the bundled model (a persona of its own, so the model writes the reply). Times come from
+Redis stream entry ids (the server's clock, milliseconds), read after the run:
+
+- TTFT: from the adapter's receipt (submission) to the first text a user could see: the
+  first entry of the reply's stream, or the complete reply when nothing streamed;
+- E2EL: to the complete reply on the outbox;
+- TPOT: (E2EL - TTFT) / (reply tokens - 1), per request; ITL: the gaps between a reply's
+  stream entries (the worker publishes at most every 0.2 s, so ITL is that coarse);
+- throughput: requests/s and reply tokens/s over the whole run.
+
+Modes, on the same questions with mixed reply lengths (per-request `max_new_tokens` cycled
+from LENGTHS, so that replies differ in length as real ones do):
+
+- sequential: one `generate` call per request, one at a time (the seed documents' way);
+- padded: requests that arrive while a batch runs wait for it, then go as one left-padded
+  `generate` (the engine before continuous batching); nothing streams;
+- continuous: the product's engine (continuous batching) with streaming on.
+
+Loads: bursts of 1, 8 and 32 concurrent requests, and Poisson arrivals at given rates.
+`--overhead` measures the pipeline alone with an instant engine: messages/s and the latency
+the pipeline adds per message.
+
+    .venv/bin/python bench/serving.py                          # the table in the note
+    .venv/bin/python bench/serving.py --modes continuous --burst 8
+    .venv/bin/python bench/serving.py --overhead 2000
+
+Figures go to stdout and bench/results/serving-<device>.json; a plot to serving-<device>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import itertools
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import redis.asyncio as aioredis  # noqa: E402
+
+from core.conversation import ConversationKey  # noqa: E402
+from core.generation.engine import Generation, GenerationRequest, TextListener  # noqa: E402
+from core.generation.model_files import cpu_supports_bf16  # noqa: E402
+from core.generation.transformers_engine import TransformersEngine, load_engine  # noqa: E402
+from core.inbound import submit_user_message  # noqa: E402
+from core.jobs import JobQueue  # noqa: E402
+from core.keys import Keys  # noqa: E402
+from core.redis_server import RedisServer  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from core.store import ConversationStore  # noqa: E402
+from core.streaming import STREAM_KIND  # noqa: E402
+from core.worker import Worker  # noqa: E402
+
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+PERSONA = "You are a friendly customer-service assistant of an outdoor shop. Reply helpfully."
+LENGTHS = (16, 96, 32, 128, 48, 24, 80, 64)  # reply token budgets, cycled over requests
+QUESTIONS = (
+    "How much does standard shipping cost?",
+    "Can I return a tent I have used once?",
+    "My order arrived damaged, what should I do?",
+    "Do you ship to Canada, and how long does it take?",
+    "How do I reset my password?",
+    "What payment methods do you accept?",
+    "Can I change the address on my order?",
+    "How do loyalty points work?",
+)
+
+
+class Budgeted:
+    """The engine, with each request's reply budget taken from LENGTHS (by question)."""
+
+    def __init__(self, inner: Any, budgets: dict[str, int]) -> None:
+        self.inner = inner
+        self.budgets = budgets
+
+    @property
+    def context_tokens(self) -> int:
+        return int(self.inner.context_tokens)
+
+    def count_tokens(self, turns: Any) -> int:
+        return int(self.inner.count_tokens(turns))
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return str(self.inner.truncate(text, max_tokens))
+
+    def _budget(self, request: GenerationRequest) -> GenerationRequest:
+        tokens = self.budgets.get(request.turns[-1]["content"], request.max_new_tokens)
+        return GenerationRequest(request.request_id, request.turns, tokens)
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        return list(await self.inner.generate([self._budget(r) for r in requests]))
+
+    async def stream(self, request: GenerationRequest, on_text: TextListener) -> Generation:
+        result: Generation = await self.inner.stream(self._budget(request), on_text)
+        return result
+
+    def close(self) -> None:
+        pass
+
+
+class Sequential(Budgeted):
+    """One request at a time, each alone in a `generate` call."""
+
+    def __init__(self, inner: Any, budgets: dict[str, int]) -> None:
+        super().__init__(inner, budgets)
+        self.lock = asyncio.Lock()
+
+    async def stream(self, request: GenerationRequest, on_text: TextListener) -> Generation:
+        async with self.lock:
+            [result] = await self.inner.generate_padded([self._budget(request)])
+            return result  # type: ignore[no-any-return]
+
+
+class Padded(Budgeted):
+    """Requests that arrive while a padded batch runs wait for it and go together next."""
+
+    def __init__(self, inner: Any, budgets: dict[str, int], max_batch: int) -> None:
+        super().__init__(inner, budgets)
+        self.max_batch = max_batch
+        self.waiting: list[tuple[GenerationRequest, asyncio.Future[Generation]]] = []
+        self.runner: asyncio.Task[None] | None = None
+
+    async def stream(self, request: GenerationRequest, on_text: TextListener) -> Generation:
+        future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
+        self.waiting.append((self._budget(request), future))
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self.waiting:
+            await asyncio.sleep(0.03)  # the worker's batch wait: a burst joins one batch
+            batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
+            results = await self.inner.generate_padded([r for r, _ in batch])
+            for (_, future), result in zip(batch, results, strict=True):
+                future.set_result(result)
+
+
+class Instant(Budgeted):
+    """No model: a fixed reply at once (the pipeline's own cost)."""
+
+    async def stream(self, request: GenerationRequest, on_text: TextListener) -> Generation:
+        text = "Thanks for your message, we are on it."
+        on_text(text)
+        return Generation(request.request_id, text, "stop", new_tokens=9)
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        return [await self.stream(r, lambda _t: None) for r in requests]
+
+
+def _ms(entry_id: str) -> float:
+    return int(str(entry_id).split("-")[0]) / 1000
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {
+        "mean": round(statistics.fmean(ordered), 4),
+        "p50": round(at(0.5), 4),
+        "p90": round(at(0.9), 4),
+        "p99": round(at(0.99), 4),
+    }
+
+
+async def run_load(
+    redis_url: str,
+    engine: Any,
+    tokenizer: Any,
+    *,
+    mode: str,
+    arrivals_s: list[float],
+    streaming: bool,
+    max_batch: int,
+    namespace: str,
+) -> dict[str, Any]:
+    """Submit one request per arrival time, wait for every reply, return the metrics."""
+    settings = Settings.from_mapping(
+        {
+            "REDIS_URL": redis_url,
+            "CHATBOT_NAMESPACE": namespace,
+            "CHATBOT_PERSONA": PERSONA,
+            "CHATBOT_STREAMING": "on" if streaming else "off",
+            "CHATBOT_MAX_BATCH_SIZE": str(max_batch),
+            "CHATBOT_MAX_NEW_TOKENS": str(max(LENGTHS)),
+            "CHATBOT_USER_RATE": "1000/s",
+            "CHATBOT_LOG_LEVEL": "WARNING",
+        }
+    )
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    keys = Keys(namespace)
+    store = ConversationStore.from_settings(redis, settings)
+    queue = JobQueue(redis, keys)
+    worker = Worker(redis, settings, engine, consumer=f"bench-{mode}")
+    await worker.queue.ensure_group()
+    worker_task = asyncio.create_task(worker.run())
+    submitted: dict[str, float] = {}
+    started = time.time()
+
+    async def submit(index: int, at_s: float) -> None:
+        await asyncio.sleep(max(0.0, started + at_s - time.time()))
+        conversation = ConversationKey("bench", "w", f"c{index}", "")
+        submitted[conversation.id] = time.time()
+        await submit_user_message(
+            store,
+            queue,
+            conversation,
+            text=QUESTIONS[index % len(QUESTIONS)],
+            author_id=f"u{index}",
+            author_name=f"user {index}",
+            message_id=f"m{index}",
+            max_chars=settings.max_message_chars,
+        )
+
+    await asyncio.gather(*(submit(i, at) for i, at in enumerate(arrivals_s)))
+    outbox = keys.outbox("bench")
+    deadline = time.time() + 1800
+    finals: dict[str, tuple[float, str, str]] = {}
+    while len(finals) < len(arrivals_s) and time.time() < deadline:
+        for entry_id, fields in await redis.xrange(outbox):
+            if fields.get("kind") != STREAM_KIND:
+                finals.setdefault(
+                    fields["conversation"], (_ms(entry_id), fields["text"], fields["reply_id"])
+                )
+        await asyncio.sleep(0.2)
+    finished = time.time()
+    worker.stop()
+    await worker_task
+    ttft, e2el, tpot, itl, tokens = [], [], [], [], 0
+    for conversation_id, (done_s, text, reply_id) in finals.items():
+        sent_s = submitted[conversation_id]
+        conversation = ConversationKey.from_id(conversation_id)
+        entries = await redis.xrange(keys.reply_stream(conversation, reply_id))
+        shown = [_ms(e) for e, f in entries if "text" in f]
+        first_s = shown[0] if shown else done_s
+        count = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer else 9
+        tokens += count
+        ttft.append(first_s - sent_s)
+        e2el.append(done_s - sent_s)
+        if count > 1:
+            tpot.append((done_s - first_s) / (count - 1))
+        itl += [b - a for a, b in itertools.pairwise(shown)]
+    await redis.aclose()
+    wall_s = max(finished - started, 1e-9)
+    return {
+        "mode": mode,
+        "requests": len(arrivals_s),
+        "completed": len(finals),
+        "wall_s": round(wall_s, 2),
+        "request_throughput": round(len(finals) / wall_s, 3),
+        "output_tokens": tokens,
+        "output_throughput_tok_s": round(tokens / wall_s, 2),
+        "ttft_s": percentiles(ttft),
+        "tpot_s": percentiles(tpot),
+        "itl_s": percentiles(itl),
+        "e2el_s": percentiles(e2el),
+    }
+
+
+def poisson(rate: float, count: int, rng: random.Random) -> list[float]:
+    at, times = 0.0, []
+    for _ in range(count):
+        times.append(at)
+        at += rng.expovariate(rate)
+    return times
+
+
+def make_engine(mode: str, engine: TransformersEngine, max_batch: int) -> Any:
+    budgets = {q: LENGTHS[i % len(LENGTHS)] for i, q in enumerate(QUESTIONS)}
+    if mode == "sequential":
+        return Sequential(engine, budgets)
+    if mode == "padded":
+        return Padded(engine, budgets, max_batch)
+    return Budgeted(engine, budgets)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    server = RedisServer(tmp / "redis", appendonly=False)
+    url = server.start()
+    results: dict[str, Any] = {"runs": []}
+    try:
+        if args.overhead:
+            run = await run_load(
+                url,
+                Instant(None, {}),
+                None,
+                mode="instant",
+                arrivals_s=[0.0] * args.overhead,
+                streaming=True,
+                max_batch=64,
+                namespace="overhead",
+            )
+            run["pipeline_messages_per_s"] = run["request_throughput"]
+            results["runs"].append(run)
+            print(json.dumps(run))
+            return results
+        settings = Settings.from_mapping({"CHATBOT_DTYPE": args.dtype})
+        engine = load_engine(settings, lambda *_a: None)
+        results["dtype"] = args.dtype
+        loads: list[tuple[str, list[float]]] = [(f"burst {n}", [0.0] * n) for n in args.burst]
+        rng = random.Random(7)
+        loads += [(f"poisson {r}/s", poisson(r, args.poisson_requests, rng)) for r in args.rates]
+        for load, arrivals in loads:
+            for mode in args.modes:
+                run = await run_load(
+                    url,
+                    make_engine(mode, engine, args.max_batch),
+                    engine.tokenizer,
+                    mode=mode,
+                    arrivals_s=arrivals,
+                    streaming=mode == "continuous",
+                    max_batch=args.max_batch,
+                    namespace=f"b{len(results['runs'])}",
+                )
+                run["load"] = load
+                results["runs"].append(run)
+                print(
+                    f"{load:>14} {mode:>10}: {run['output_throughput_tok_s']:7.1f} tok/s, "
+                    f"TTFT p50 {run['ttft_s'].get('p50', 0):6.2f} s, "
+                    f"E2EL p50 {run['e2el_s'].get('p50', 0):6.2f} s "
+                    f"p99 {run['e2el_s'].get('p99', 0):6.2f} s",
+                    flush=True,
+                )
+    finally:
+        server.stop()
+    return results
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    with contextlib.suppress(ImportError):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for mode in ("sequential", "padded", "continuous"):
+            runs = [r for r in results["runs"] if r["mode"] == mode and "load" in r]
+            labels = [r["load"] for r in runs]
+            left.plot(labels, [r["ttft_s"].get("p50", 0) for r in runs], marker="o", label=mode)
+            right.plot(labels, [r["output_throughput_tok_s"] for r in runs], marker="o", label=mode)
+        left.set_title("time to first words, p50 (s)")
+        right.set_title("reply tokens / s")
+        for axis in (left, right):
+            axis.tick_params(axis="x", rotation=30)
+            axis.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", nargs="+", default=["sequential", "padded", "continuous"])
+    parser.add_argument("--burst", nargs="*", type=int, default=[1, 8, 32])
+    parser.add_argument("--rates", nargs="*", type=float, default=[0.5, 1.0])
+    parser.add_argument("--poisson-requests", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--overhead", type=int, default=0, help="instant engine, N messages")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    results = asyncio.run(main_async(args))
+    results["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "native_bf16": cpu_supports_bf16(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    device = "cpu"
+    name = "serving-overhead" if args.overhead else f"serving-{device}-{args.dtype}"
+    out = args.out or RESULTS_DIR / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {out}")
+    if not args.overhead:
+        plot(results, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
