@@ -317,7 +317,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             results["runs"].append(run)
             print(json.dumps(run))
             return results
-        settings = Settings.from_mapping({"CHATBOT_DTYPE": args.dtype})
+        settings = Settings.from_mapping(
+            {"CHATBOT_DTYPE": args.dtype, "CHATBOT_MAX_BATCH_SIZE": str(args.max_batch)}
+        )
         engine = load_engine(settings, lambda *_a: None)
         results["dtype"] = args.dtype
         loads: list[tuple[str, list[float]]] = [(f"burst {n}", [0.0] * n) for n in args.burst]

@@ -59,7 +59,9 @@ async def test_a_worker_killed_mid_stream_leaves_exactly_one_reply(
         await post_event(url, SECRET, event_callback(mention))
         # The first words are on screen: the stream is open and has grown.
         await emulator.wait_for(lambda: bool(emulator.calls_to("chat.appendStream")), 180)
-        assert await outbox(redis, settings) == [], "the reply came before the kill: test void"
+        assert await outbox(redis, settings, "slack") == [], (
+            "the reply came before the kill: test void"
+        )
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         partial = emulator.messages_in("C1", mention["ts"])
@@ -68,10 +70,10 @@ async def test_a_worker_killed_mid_stream_leaves_exactly_one_reply(
         second = chatbot(["worker"], env, tmp_path)
 
         async def answered() -> bool:
-            return len(await outbox(redis, settings)) == 1
+            return len(await outbox(redis, settings, "slack")) == 1
 
         await wait_for(answered, timeout_s=240, what="the second worker's reply")
-        [final] = await outbox(redis, settings)
+        [final] = await outbox(redis, settings, "slack")
         wanted = {final.text, markdown_to_mrkdwn(final.text)}
         await emulator.wait_for(lambda: emulator.messages_in("C1", mention["ts"])[0] in wanted, 30)
         # One message in the thread: the one that streamed, finished by the second worker.
