@@ -69,7 +69,18 @@ async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) ->
     from core.knowledge.store import KnowledgeBaseStore
     from core.worker import Worker
 
-    engine = await open_engine(settings, progress)
+    engine: Any
+    if settings.engine_url:
+        from core.generation.remote_engine import load_remote_engine
+        from core.generation.transformers_engine import engine_thread
+
+        executor = engine_thread()  # the tokenizer and the embedder load and run here
+        loop = asyncio.get_running_loop()
+        engine = await loop.run_in_executor(executor, load_remote_engine, settings, progress)
+        engine.executor = executor
+        log.info("generating with the engine at %s", settings.engine_url)
+    else:
+        engine = await open_engine(settings, progress)
     loop = asyncio.get_running_loop()
     try:
         embedder = await loop.run_in_executor(engine.executor, load_embedder, None, engine.executor)

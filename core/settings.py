@@ -83,6 +83,10 @@ def _http_url(name: str, raw: str) -> str:
     return value
 
 
+def _optional_http_url(name: str, raw: str) -> str | None:
+    return _http_url(name, raw) if raw.strip() else None
+
+
 def _ws_url(name: str, raw: str) -> str:
     value = raw.strip()
     if not re.match(r"^wss?://", value):
@@ -153,6 +157,10 @@ class Settings:
     max_message_chars: int = _env("CHATBOT_MAX_MESSAGE_CHARS", _positive_int, default=4000)
     max_batch_size: int = _env("CHATBOT_MAX_BATCH_SIZE", _positive_int, default=16)
     batch_wait_ms: int = _env("CHATBOT_BATCH_WAIT_MS", _positive_int, default=30)
+    # An OpenAI-compatible server to generate with, instead of a model of the worker's own.
+    engine_url: str | None = _env("CHATBOT_ENGINE_URL", _optional_http_url, default=None)
+    engine_model: str = _env("CHATBOT_ENGINE_MODEL", default="")
+    engine_api_key: str | None = _env("CHATBOT_ENGINE_API_KEY", _secret, default=None)
     # Replies appear as they are generated ("on") or when complete ("off").
     streaming: bool = _env("CHATBOT_STREAMING", _flag, default=True)
     max_deliveries: int = _env("CHATBOT_MAX_DELIVERIES", _positive_int, default=3)
