@@ -161,8 +161,11 @@ class Generate:
     knowledge: bool = False  # a knowledge base is loaded (so no fact may come from the model)
     offer_handoff: bool = False
 
-    def draft(self, generated: str, finish_reason: FinishReason) -> Draft:
-        text = compose_chat(finalize_reply(generated, finish_reason), knowledge=self.knowledge)
+    def draft(self, generated: str, finish_reason: FinishReason, shown: str = "") -> Draft:
+        """The reply; it starts with whatever was `shown` while it was generated."""
+        text = compose_chat(
+            finalize_reply(generated, finish_reason, shown), knowledge=self.knowledge
+        )
         meta: dict[str, Any] = {"actions": ["feedback"]}
         if self.offer_handoff:
             text = f"{text}\n\n{FRUSTRATION_OFFER}"

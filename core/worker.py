@@ -351,7 +351,7 @@ class Worker:
             )
             if publisher is not None:
                 await publisher.stop()
-            await self._finish(item, generation)
+            await self._finish(item, generation, publisher.shown if publisher else "")
         except TRANSIENT_ERRORS as exc:
             log.warning(
                 "could not finish %s (%s); its jobs will be retried", item.request.request_id, exc
@@ -406,12 +406,12 @@ class Worker:
             log.exception("generation of %s failed", request.request_id)
             return Generation(request.request_id, "", "error", error=repr(exc))
 
-    async def _finish(self, item: Prepared, generation: Generation) -> None:
+    async def _finish(self, item: Prepared, generation: Generation, shown: str = "") -> None:
         async with item.release:
             if generation.finish_reason == "error":
                 await self._failed(item, generation.error)
                 return
-            draft = item.plan.draft(generation.text, generation.finish_reason)
+            draft = item.plan.draft(generation.text, generation.finish_reason, shown)
             reply = reply_to(item.newest, item.conversation, draft)
             log.debug(
                 "committing %s covering %d for jobs %s",

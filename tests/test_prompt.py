@@ -100,3 +100,11 @@ def test_plain_turns_encode_as_the_chat_template_does(tiny_engine: TransformersE
     )
     expected = tiny_engine.tokenizer(whole, add_special_tokens=False)["input_ids"]
     assert tiny_engine.encode(turns) == expected
+
+
+def test_a_reply_cut_by_its_limit_never_takes_back_words_already_shown() -> None:
+    generated = "Reset it in Settings. Then open the lin"
+    assert finalize_reply(generated, "length") == "Reset it in Settings."
+    shown = "Reset it in Settings. Then open"
+    assert finalize_reply(generated, "length", shown) == shown + "…"
+    assert finalize_reply(generated, "length", "Reset it in") == "Reset it in Settings."

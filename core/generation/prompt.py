@@ -73,11 +73,16 @@ def build_prompt(
     return [system, *kept]
 
 
-def finalize_reply(text: str, finish_reason: FinishReason) -> str:
-    """The text to post: trimmed, cut back to a full sentence if generation hit its limit."""
+def finalize_reply(text: str, finish_reason: FinishReason, shown: str = "") -> str:
+    """The text to post: trimmed, cut back to a full sentence if generation hit its limit,
+    but never shorter than what was already `shown` while it streamed (a cut there ends
+    with "…" instead of taking words back)."""
     text = text.strip()
     if finish_reason == "length":
         ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-        if ends and ends[-1] > len(text) // 2:
+        shown = shown.strip()
+        if ends and ends[-1] > len(text) // 2 and ends[-1] >= len(shown):
             text = text[: ends[-1]]
+        elif shown and text.startswith(shown) and len(shown) < len(text):
+            text = shown + "…"
     return text or FALLBACK_REPLY
