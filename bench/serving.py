@@ -156,6 +156,16 @@ class Padded(Budgeted):
 class Instant(Budgeted):
     """No model: a fixed reply at once (the pipeline's own cost)."""
 
+    @property
+    def context_tokens(self) -> int:
+        return 2048
+
+    def count_tokens(self, turns: Any) -> int:
+        return sum(len(turn["content"]) // 4 + 4 for turn in turns)
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return text[: max_tokens * 4]
+
     async def stream(self, request: GenerationRequest, on_text: TextListener) -> Generation:
         text = "Thanks for your message, we are on it."
         on_text(text)
@@ -213,16 +223,22 @@ async def run_load(
     keys = Keys(namespace)
     store = ConversationStore.from_settings(redis, settings)
     queue = JobQueue(redis, keys)
-    worker = Worker(redis, settings, engine, consumer=f"bench-{mode}")
+    worker_redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    worker = Worker(worker_redis, settings, engine, consumer=f"bench-{mode}")
     await worker.queue.ensure_group()
     worker_task = asyncio.create_task(worker.run())
     submitted: dict[str, float] = {}
     started = time.time()
+    adapters = asyncio.Semaphore(64)  # submissions in flight at once, as a few adapters
 
     async def submit(index: int, at_s: float) -> None:
         await asyncio.sleep(max(0.0, started + at_s - time.time()))
         conversation = ConversationKey("bench", "w", f"c{index}", "")
-        submitted[conversation.id] = time.time()
+        async with adapters:
+            submitted[conversation.id] = time.time()
+            await _submit(conversation, index)
+
+    async def _submit(conversation: ConversationKey, index: int) -> None:
         await submit_user_message(
             store,
             queue,
@@ -248,6 +264,7 @@ async def run_load(
     finished = time.time()
     worker.stop()
     await worker_task
+    await worker_redis.aclose()
     ttft, e2el, tpot, itl, tokens = [], [], [], [], 0
     for conversation_id, (done_s, text, reply_id) in finals.items():
         sent_s = submitted[conversation_id]
