@@ -134,13 +134,15 @@ async def test_mentions_across_redis_restarts_are_answered_exactly_once(
     deliveries = []
     try:
         for i, mention in enumerate(mentions):
+            down = i in (3, 8)
+            if down:  # Redis dies (SIGKILL) just before this mention arrives...
+                own_redis.kill()
             payload = event_callback(mention)
             deliveries.append(asyncio.create_task(deliver_like_slack(harness.url, SECRET, payload)))
-            await asyncio.sleep(0.3)
-            if i in (3, 8):  # Redis dies (SIGKILL) and comes back from its AOF
-                own_redis.kill()
+            if down:  # ...and comes back from its AOF a second later
                 await asyncio.sleep(1.0)
                 own_redis.start()
+            await asyncio.sleep(0.3)
         statuses = await asyncio.gather(*deliveries)
         for mention in mentions:
             await harness.wait_thread(
