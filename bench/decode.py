@@ -4,8 +4,7 @@ Each decoding step at batch 1 must read every weight once, so tokens/s at batch 
 exceed (read bandwidth) / (weight bytes). The bandwidth is measured in the same run (a
 torch sum over 256 MB, on the idle machine: run nothing else meanwhile). Then the engine
 (continuous batching, `core/generation/batcher.py`) generates fixed-length replies (end of
-sequence ignored) at batch 1, 8 and 16, and the raw model forward step is timed alone, so
-the engine's own overhead shows.
+sequence ignored) at batch 1, 8 and 16.
 
     .venv/bin/python bench/decode.py                 # fp32 (the target) on this CPU
     .venv/bin/python bench/decode.py --dtype bfloat16
@@ -50,24 +49,6 @@ def read_bandwidth_gb_s() -> float:
     return data.numel() * 4 * runs / (time.perf_counter() - started) / 1e9
 
 
-def forward_step_s(model: Any, batch: int, context: int = 300, steps: int = 30) -> float:
-    """Median time of one plain decoding forward (no engine around it)."""
-    from transformers import DynamicCache
-
-    ids = torch.randint(100, 1000, (batch, context))
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        last = out.logits[:, -1].argmax(-1)
-        times = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            out = model(input_ids=last[:, None], cache=cache, use_cache=True, logits_to_keep=1)
-            last = out.logits[:, -1].argmax(-1)
-            times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
-
-
 async def engine_tok_s(engine: Any, batch: int, tokens: int) -> float:
     requests = [
         GenerationRequest(
@@ -91,13 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16])
     args = parser.parse_args(argv)
-    bandwidth = read_bandwidth_gb_s()
     settings = Settings.from_mapping(
         {"CHATBOT_DTYPE": args.dtype, "CHATBOT_MAX_BATCH_SIZE": str(max(args.batches))}
     )
     engine = load_engine(settings, lambda *_a: None)
     engine.batcher.stop_ids = frozenset()  # every reply exactly --tokens long
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    asyncio.run(engine_tok_s(engine, 1, 4))  # warm up
+    measured: dict[int, float] = {}
+    for batch in args.batches:
+        tok_s = asyncio.run(engine_tok_s(engine, batch, args.tokens))
+        measured[batch] = tok_s
+    bandwidth = read_bandwidth_gb_s()  # last: its 256 MB buffer slowed what came after it
     limit = bandwidth * 1e9 / weight_bytes
     results: dict[str, Any] = {
         "dtype": args.dtype,
@@ -106,21 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         "batch1_limit_tok_s": round(limit, 1),
         "torch_threads": torch.get_num_threads(),
         "engine": {},
-        "forward_only": {},
     }
     print(f"read bandwidth {bandwidth:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB")
     print(f"batch-1 limit {limit:.1f} tok/s")
-    asyncio.run(engine_tok_s(engine, 1, 4))  # warm up
-    for batch in args.batches:
-        tok_s = asyncio.run(engine_tok_s(engine, batch, args.tokens))
-        step_s = forward_step_s(engine.model, batch)
+    for batch, tok_s in measured.items():
         results["engine"][str(batch)] = round(tok_s, 1)
-        results["forward_only"][str(batch)] = round(batch / step_s, 1)
         share = f" = {tok_s / limit:.0%} of the limit" if batch == 1 else ""
-        print(
-            f"batch {batch:>2}: engine {tok_s:6.1f} tok/s{share}; "
-            f"forward alone {batch / step_s:6.1f} tok/s"
-        )
+        print(f"batch {batch:>2}: engine {tok_s:6.1f} tok/s{share}")
     results["machine"] = {
         "cpu": platform.processor() or platform.machine(),
         "native_bf16": cpu_supports_bf16(),
