@@ -55,6 +55,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import redis.asyncio as aioredis  # noqa: E402
 
+from bench.batching import LENGTHS, QUESTIONS  # noqa: E402  (the same mixed workload)
 from core.conversation import ConversationKey  # noqa: E402
 from core.generation.engine import Generation, GenerationRequest, TextListener  # noqa: E402
 from core.generation.model_files import cpu_supports_bf16  # noqa: E402
@@ -70,17 +71,6 @@ from core.worker import Worker  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 PERSONA = "You are a friendly customer-service assistant of an outdoor shop. Reply helpfully."
-LENGTHS = (16, 96, 32, 128, 48, 24, 80, 64)  # reply token budgets, cycled over requests
-QUESTIONS = (
-    "How much does standard shipping cost?",
-    "Can I return a tent I have used once?",
-    "My order arrived damaged, what should I do?",
-    "Do you ship to Canada, and how long does it take?",
-    "How do I reset my password?",
-    "What payment methods do you accept?",
-    "Can I change the address on my order?",
-    "How do loyalty points work?",
-)
 
 
 class Budgeted:

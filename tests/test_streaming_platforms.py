@@ -5,7 +5,10 @@ the reply and its buttons, edits keep Slack's and Discord's pace."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
+
+import pytest
 
 from core.generation.transformers_engine import TransformersEngine
 from tests.discord_emulator import BOB_ID, DEFAULT_BOT_ID, DEFAULT_CHANNEL_ID
@@ -14,6 +17,7 @@ from tests.slack_emulator import app_mention
 from tests.test_discord import close as close_discord
 from tests.test_discord import make_harness as discord_harness
 from tests.test_discord import restore_discord_globals  # noqa: F401 (an autouse fixture)
+from tests.test_slack import Harness as SlackHarness
 from tests.test_slack import close as close_slack
 from tests.test_slack import make_harness as slack_harness
 
@@ -33,77 +37,69 @@ def gaps_s(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
-async def test_slack_streams_a_reply_and_stops_it_with_the_buttons(
+@pytest.fixture
+async def slack(
     redis: Any, make_settings: Any, tiny_engine: TransformersEngine
-) -> None:
-    slack = await slack_harness(
+) -> AsyncIterator[SlackHarness]:
+    harness = await slack_harness(
         redis, make_settings, slow_engine(tiny_engine), CHATBOT_STREAMING="on"
     )
-    try:
-        mention = app_mention("<@UBOT> where is my parcel?", channel="C1")
-        await slack.send(mention)
-        emulator = slack.emulator
-        await emulator.wait_for(lambda: bool(emulator.calls_to("chat.stopStream")), 30)
-        [start] = emulator.calls_to("chat.startStream")
-        assert start.params["thread_ts"] == mention["ts"]
-        assert start.params["recipient_user_id"] == "U1" and start.params["recipient_team_id"]
-        appends = emulator.calls_to("chat.appendStream")
-        assert len(appends) >= 2  # it grew while it was generated
-        assert min(gaps_s([c.at_s for c in appends])) >= 0.9  # about once a second
-        [stop] = emulator.calls_to("chat.stopStream")
-        assert any(b["type"] == "actions" for b in stop.params["blocks"])  # the buttons
-        assert slack.thread("C1", mention["ts"]) == [ANSWER]  # one message, the whole reply
-        assert emulator.calls_to("assistant.threads.setStatus")  # "is thinking…" first
-        assert not [c for c in emulator.calls_to("chat.postMessage") if c.params.get("thread_ts")]
-    finally:
-        await close_slack(slack)
+    yield harness
+    await close_slack(harness)
+
+
+async def ask(slack: SlackHarness) -> dict[str, Any]:
+    mention = app_mention("<@UBOT> where is my parcel?", channel="C1")
+    await slack.send(mention)
+    return mention
+
+
+async def test_slack_streams_a_reply_and_stops_it_with_the_buttons(slack: SlackHarness) -> None:
+    mention = await ask(slack)
+    emulator = slack.emulator
+    await emulator.wait_for(lambda: bool(emulator.calls_to("chat.stopStream")), 30)
+    [start] = emulator.calls_to("chat.startStream")
+    assert start.params["thread_ts"] == mention["ts"]
+    assert start.params["recipient_user_id"] == "U1" and start.params["recipient_team_id"]
+    appends = emulator.calls_to("chat.appendStream")
+    assert len(appends) >= 2  # it grew while it was generated
+    assert min(gaps_s([c.at_s for c in appends])) >= 0.9  # about once a second
+    [stop] = emulator.calls_to("chat.stopStream")
+    assert any(b["type"] == "actions" for b in stop.params["blocks"])  # the buttons
+    assert slack.thread("C1", mention["ts"]) == [ANSWER]  # one message, the whole reply
+    assert emulator.calls_to("assistant.threads.setStatus")  # "is thinking…" first
+    assert not [c for c in emulator.calls_to("chat.postMessage") if c.params.get("thread_ts")]
 
 
 async def test_slack_without_streaming_methods_edits_the_message_once_a_second(
-    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+    slack: SlackHarness,
 ) -> None:
-    slack = await slack_harness(
-        redis, make_settings, slow_engine(tiny_engine), CHATBOT_STREAMING="on"
-    )
     slack.emulator.without_streaming()
-    try:
-        mention = app_mention("<@UBOT> where is my parcel?", channel="C1")
-        await slack.send(mention)
-        emulator = slack.emulator
-        await emulator.wait_for(lambda: slack.thread("C1", mention["ts"]) == [ANSWER], 30)
-        updates = emulator.calls_to("chat.update")
-        assert len(updates) >= 3  # partial edits, then the final one
-        assert min(gaps_s([c.at_s for c in updates[:-1]])) >= 0.9
-        assert updates[-1].params["blocks"]  # the buttons come with the final edit
-        assert len(slack.thread("C1", mention["ts"])) == 1
-    finally:
-        await close_slack(slack)
+    mention = await ask(slack)
+    emulator = slack.emulator
+    await emulator.wait_for(lambda: slack.thread("C1", mention["ts"]) == [ANSWER], 30)
+    updates = emulator.calls_to("chat.update")
+    assert len(updates) >= 3  # partial edits, then the final one
+    assert min(gaps_s([c.at_s for c in updates[:-1]])) >= 0.9
+    assert updates[-1].params["blocks"]  # the buttons come with the final edit
+    assert len(slack.thread("C1", mention["ts"])) == 1
 
 
-async def test_slack_falls_back_to_editing_when_a_stream_expires(
-    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
-) -> None:
-    slack = await slack_harness(
-        redis, make_settings, slow_engine(tiny_engine), CHATBOT_STREAMING="on"
+async def test_slack_falls_back_to_editing_when_a_stream_expires(slack: SlackHarness) -> None:
+    mention = await ask(slack)
+    emulator = slack.emulator
+    await emulator.wait_for(lambda: bool(emulator.calls_to("chat.appendStream")), 30)
+    assert emulator.expire_streams() == 1  # what Slack does after about 5 minutes
+    await emulator.wait_for(lambda: slack.thread("C1", mention["ts"]) == [ANSWER], 30)
+    assert any(
+        c.response.get("error") == "message_not_in_streaming_state"
+        for c in emulator.calls_to("chat.appendStream") + emulator.calls_to("chat.stopStream")
     )
-    try:
-        mention = app_mention("<@UBOT> where is my parcel?", channel="C1")
-        await slack.send(mention)
-        emulator = slack.emulator
-        await emulator.wait_for(lambda: bool(emulator.calls_to("chat.appendStream")), 30)
-        assert emulator.expire_streams() == 1  # what Slack does after about 5 minutes
-        await emulator.wait_for(lambda: slack.thread("C1", mention["ts"]) == [ANSWER], 30)
-        assert any(
-            c.response.get("error") == "message_not_in_streaming_state"
-            for c in emulator.calls_to("chat.appendStream") + emulator.calls_to("chat.stopStream")
-        )
-        final = emulator.calls_to("chat.update")[-1]
-        assert (
-            final.params["blocks"]
-            and final.params["ts"] == emulator.calls_to("chat.startStream")[0].response["ts"]
-        )
-    finally:
-        await close_slack(slack)
+    final = emulator.calls_to("chat.update")[-1]
+    assert (
+        final.params["blocks"]
+        and final.params["ts"] == emulator.calls_to("chat.startStream")[0].response["ts"]
+    )
 
 
 async def test_discord_replies_grow_with_edits_paced_per_channel(
