@@ -4,9 +4,9 @@ A padded `generate` call decodes until its longest reply is done: a short answer
 the longest one, and a request that arrives a moment later waits for the whole batch. Here
 the batch changes at every decoding step instead:
 
-- a request that arrives is prefilled (with the others that arrived with it, left padded)
-  and joins the running batch at the next step: its KV cache is left padded to the batch's
-  length, or the batch's to its;
+- a request that arrives is prefilled (with the others that arrived with it, left padded,
+  up to `PREFILL_TOKENS` of prompt per step) and joins the running batch at the next step:
+  its KV cache is left padded to the batch's length, or the batch's to its;
 - a request that is done (a stop token, its own `max_new_tokens`, or cancelled) leaves at
   once: its rows of the cache are dropped, and columns no remaining row uses are trimmed.
 
@@ -37,6 +37,11 @@ import torch.nn.functional as F
 from core.generation.engine import FinishReason, Generation, GenerationRequest, TextListener
 
 log = logging.getLogger(__name__)
+
+# Prompt tokens prefilled between two decoding steps: a burst of arrivals joins over a few
+# steps instead of in one long prefill, so the replies already running do not stall and
+# the first arrivals see words sooner (the first request always joins, whatever its size).
+PREFILL_TOKENS = 512
 
 Done = Callable[[Generation], None]
 
@@ -139,11 +144,12 @@ class ContinuousBatcher:
                 self.executor.submit(self._run)
 
     def _admit(self, batch: Batch | None) -> Batch | None:
-        """Prefill the requests that arrived (as many as there is room for) and merge them
-        into the running batch."""
+        """Prefill the requests that arrived (as many as there is room for, and about
+        PREFILL_TOKENS of prompt a step) and merge them into the running batch."""
         room = self.max_batch_size - (len(batch.rows) if batch else 0)
         arrived: list[Submitted] = []
-        while len(arrived) < room:
+        prompt_tokens = 0
+        while len(arrived) < room and prompt_tokens < PREFILL_TOKENS:
             try:
                 item = self._incoming.get_nowait()
             except queue.Empty:
@@ -153,6 +159,7 @@ class ContinuousBatcher:
                 self._finish(item, "cancelled")
             else:
                 arrived.append(item)
+                prompt_tokens += len(item.prompt_ids)
         if not arrived:
             return batch
         joining = self._prefill_all(arrived)
