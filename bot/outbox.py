@@ -156,11 +156,8 @@ class OutboxConsumer:
                 self.streams.follow(reply)
             await self.redis.xack(self.stream, self.group, entry_id)
             return
-        lock = PostingLock(self.redis, self.keys.posting_lock(reply.conversation, reply.reply_id))
         try:
-            # Under the lock a partial edit of a streamed reply cannot land after this.
-            async with lock.held():
-                await self.post(reply, await self.parts_for(reply))
+            await self._post(reply)
         except PermanentPostError as exc:
             log.error("reply %s could not be posted and is dropped: %s", reply.reply_id, exc)
         except TRANSIENT_ERRORS:
@@ -182,6 +179,15 @@ class OutboxConsumer:
             )
             await self._dead_letter(entry_id, fields, f"posting failed: {exc!r}")
         await self.redis.xack(self.stream, self.group, entry_id)
+
+    async def _post(self, reply: Reply) -> None:
+        if self.streams is None:  # nothing here edits replies while they are generated
+            await self.post(reply, await self.parts_for(reply))
+            return
+        # Under the lock a partial edit of a streamed reply cannot land after this.
+        key = self.keys.posting_lock(reply.conversation, reply.reply_id)
+        async with PostingLock(self.redis, key).held():
+            await self.post(reply, await self.parts_for(reply))
 
     async def _attempts(self, entry_id: str) -> int:
         """How many times the group has handed this entry out (this time included)."""

@@ -119,7 +119,7 @@ class DiscordAdapter:
             PLATFORM,
             self.poster.post_reply,
             reclaim_idle_s=settings.reclaim_idle_s,
-            show_partial=self.poster.show_partial,
+            show_partial=self.poster.show_partial if settings.streaming else None,
         )
         self._typing: set[asyncio.Task[None]] = set()
         self._spooled = 0  # messages waiting for Redis
