@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from core.generation.engine import FinishReason, Generation, GenerationRequest, TextListener
+from core.generation.kv_cache import cache_layers, new_cache, set_kv
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class ContinuousBatcher:
             mask[row, width - len(item.prompt_ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _new_cache(self.model.config)
+        cache = new_cache(self.model.config)
         output = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -305,92 +306,6 @@ class ContinuousBatcher:
         return False
 
 
-def _layers(cache: Any) -> list[Any]:
-    return list(cache.layers)
-
-
-def _new_cache(config: Any) -> Any:
-    """transformers' DynamicCache, its plain layers replaced by ones with spare room."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache(config=config)
-    cache.layers = [
-        _growing_layer_class()() if type(layer) is DynamicLayer else layer for layer in cache.layers
-    ]
-    return cache
-
-
-def _set_kv(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
-    if hasattr(layer, "replace"):
-        layer.replace(keys, values)
-    else:
-        layer.keys, layer.values = keys, values
-
-
-_GROWING: Any = None
-
-
-def _growing_layer_class() -> Any:
-    """A DynamicLayer that writes each step's keys and values into spare room at the end
-    of its buffers instead of concatenating (a concatenation copies the whole cache of
-    every layer at every step: 13 % of a batch-1 step here)."""
-    global _GROWING
-    if _GROWING is not None:
-        return _GROWING
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-        _key_room: torch.Tensor | None = None
-        _value_room: torch.Tensor | None = None
-        _length = 0
-
-        def update(
-            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-                self._length = 0
-                self._key_room = self._value_room = None
-            added = key_states.shape[-2]
-            self._make_room(key_states, self._length + added)
-            assert self._key_room is not None and self._value_room is not None
-            self._key_room[:, :, self._length : self._length + added] = key_states
-            self._value_room[:, :, self._length : self._length + added] = value_states
-            self._length += added
-            self.keys = self._key_room[:, :, : self._length]
-            self.values = self._value_room[:, :, : self._length]
-            return self.keys, self.values
-
-        def _make_room(self, like: torch.Tensor, needed: int) -> None:
-            room = self._key_room
-            if room is not None and room.shape[2] >= needed and room.shape[0] == like.shape[0]:
-                return
-            capacity = max(needed + 64, needed * 3 // 2)
-            shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
-            keys, values = like.new_empty(shape), like.new_empty(shape)
-            if room is not None and self._length:
-                keys[:, :, : self._length] = room[:, :, : self._length]
-                assert self._value_room is not None
-                values[:, :, : self._length] = self._value_room[:, :, : self._length]
-            self._key_room, self._value_room = keys, values
-
-        def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-            """New contents (rows joined or left): copied into fresh buffers."""
-            self._key_room = self._value_room = None
-            self._length = 0
-            self._make_room(keys, keys.shape[2] + 64)
-            assert self._key_room is not None and self._value_room is not None
-            self._length = keys.shape[2]
-            self._key_room[:, :, : self._length] = keys
-            self._value_room[:, :, : self._length] = values
-            self.keys = self._key_room[:, :, : self._length]
-            self.values = self._value_room[:, :, : self._length]
-
-    _GROWING = GrowingLayer
-    return _GROWING
-
-
 def _merge(running: Batch, joining: Batch) -> Batch:
     """One batch of both: the shorter side's cache and mask are left padded."""
     length = max(running.mask.shape[1], joining.mask.shape[1])
@@ -400,8 +315,8 @@ def _merge(running: Batch, joining: Batch) -> Batch:
 
     grow_running = length - running.mask.shape[1]
     grow_joining = length - joining.mask.shape[1]
-    for mine, theirs in zip(_layers(running.cache), _layers(joining.cache), strict=True):
-        _set_kv(
+    for mine, theirs in zip(cache_layers(running.cache), cache_layers(joining.cache), strict=True):
+        set_kv(
             mine,
             torch.cat([widen(mine.keys, grow_running), widen(theirs.keys, grow_joining)]),
             torch.cat([widen(mine.values, grow_running), widen(theirs.values, grow_joining)]),
@@ -421,8 +336,8 @@ def _select(batch: Batch, keep: list[int]) -> Batch:
     mask = batch.mask.index_select(0, index)
     used = mask.sum(0).nonzero()
     start = int(used[0]) if len(used) else 0
-    for layer in _layers(batch.cache):
-        _set_kv(
+    for layer in cache_layers(batch.cache):
+        set_kv(
             layer,
             layer.keys.index_select(0, index)[:, :, start:, :],
             layer.values.index_select(0, index)[:, :, start:, :],
