@@ -98,7 +98,7 @@ class SlackAdapter(SlackCommands):
             PLATFORM,
             self.poster.post_reply,
             reclaim_idle_s=settings.reclaim_idle_s,
-            show_partial=self.poster.show_partial if settings.streaming else None,
+            show_partial=self.poster.streams.show_partial if settings.streaming else None,
         )
 
     # -- inbound ------------------------------------------------------------------------

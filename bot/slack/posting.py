@@ -2,11 +2,8 @@
 
 - Replies go in the thread, converted to mrkdwn and split below Slack's limits; a "working
   on it" message shows progress and is replaced by the answer.
-- While a reply is generated it streams into one message (`show_partial`): Slack's
-  chat.startStream / appendStream / stopStream, the buttons arriving with stopStream. Where
-  those methods are unavailable (unknown_method, not_allowed…), or Slack has expired the
-  stream (message_not_in_streaming_state, after about 5 minutes), the message is edited
-  with chat.update instead, paced by bot/streaming.py.
+- While a reply is generated it streams into one message (bot/slack/streaming.py), which
+  the committed reply then finishes.
 - A handoff alert goes to the support channel, with who to ping and a link to the
   conversation.
 """
@@ -28,7 +25,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.chunking import split_message
 from bot.outbox import PermanentPostError, PostedParts
 from bot.slack.format import escape, markdown_to_mrkdwn
-from bot.streaming import stream_part, streamed_messages
+from bot.slack.streaming import SlackStreams
+from bot.streaming import streamed_messages
 from core.conversation import ConversationKey, Reply
 from core.keys import PLACEHOLDER_TTL_S, Keys
 from core.redis_conn import Redis
@@ -52,17 +50,6 @@ PERMANENT_ERRORS = {
     "token_revoked",
     "restricted_action",
 }
-# Errors that mean the streaming methods cannot be used here: edit with chat.update instead.
-NO_STREAMING = {
-    "unknown_method",
-    "not_allowed",
-    "not_allowed_token_type",
-    "missing_scope",
-    "method_deprecated",
-    "feature_not_enabled",
-}
-STREAM_EXPIRED = "message_not_in_streaming_state"
-THINKING_STATUS = "is thinking…"
 # Buttons each reply action shows: (action_id, label, style)
 BUTTONS: dict[str, list[tuple[str, str, str | None]]] = {
     "feedback": [("feedback_up", "👍 Helpful", None), ("feedback_down", "👎 Not helpful", None)],
@@ -93,140 +80,15 @@ class SlackPoster:
         self.client = client
         self.redis = redis
         self.keys = keys
-        self.native_streaming = True  # until Slack says the methods are unavailable
-        self._streams: dict[str, _Stream] = {}  # reply id -> the message this process streams
+        self.streams = SlackStreams(client, redis, keys, MESSAGE_LIMIT)
 
-    # -- replies while they are generated -----------------------------------------------
-
-    async def show_partial(self, reply: Reply, text: str, parts: PostedParts) -> None:
-        """Show a reply still being generated (its first part: the rest comes with the
-        final reply) in its streamed message, opening that the first time."""
-        text = split_message(text, MESSAGE_LIMIT)[0]
-        stream = self._streams.get(reply.reply_id)
-        if stream is None and 0 in streamed_messages(parts.done):
-            # Taken over (another replica, a restart, a regenerated reply): what the
-            # message shows is unknown, so it is edited whole from now on.
-            stream = _Stream(streamed_messages(parts.done)[0], native=False)
-            await self._stop_stream(reply, stream.ts)
-            self._streams[reply.reply_id] = stream
-        if stream is None:
-            self._streams[reply.reply_id] = await self._open_stream(reply, text, parts)
-            return
-        if stream.native and not text.startswith(stream.shown):
-            # The reply is being generated again (a worker took it over): start over in
-            # the same message, edited whole.
-            await self._stop_stream(reply, stream.ts)
-            stream.native = False
-        if stream.native:
-            try:
-                await self.client.chat_appendStream(
-                    channel=reply.conversation.channel,
-                    ts=stream.ts,
-                    markdown_text=text[len(stream.shown) :],
-                )
-                stream.shown = text
-                return
-            except SlackApiError as exc:
-                if _error(exc) != STREAM_EXPIRED and _error(exc) not in NO_STREAMING:
-                    raise
-                log.info("stream %s: %s; editing it instead", stream.ts, _error(exc))
-                stream.native = False
-        await self.client.chat_update(
-            channel=reply.conversation.channel, ts=stream.ts, text=markdown_to_mrkdwn(text)
-        )
-        stream.shown = text
-
-    async def _open_stream(self, reply: Reply, text: str, parts: PostedParts) -> _Stream:
-        conversation = reply.conversation
-        stored = await self.redis.getdel(self.keys.placeholder(conversation))
-        placeholder = str(stored) if stored and stored != "posting" else ""
-        if placeholder:  # the "working on it" message becomes the reply
-            await self.client.chat_update(
-                channel=conversation.channel, ts=placeholder, text=markdown_to_mrkdwn(text)
-            )
-            await parts.record(stream_part(0), placeholder)
-            return _Stream(placeholder, native=False, shown=text)
-        if self.native_streaming and conversation.thread:
-            try:
-                response = await self.client.chat_startStream(
-                    channel=conversation.channel,
-                    thread_ts=conversation.thread,
-                    markdown_text=text,
-                    recipient_team_id=conversation.workspace,
-                    recipient_user_id=str(reply.meta.get("user", "")) or None,
-                )
-                ts = str(response["ts"])
-                await parts.record(stream_part(0), ts)
-                return _Stream(ts, native=True, shown=text)
-            except SlackApiError as exc:
-                if _error(exc) not in NO_STREAMING:
-                    raise
-                log.warning(
-                    "Slack's streaming methods are unavailable (%s): replies grow by "
-                    "chat.update instead",
-                    _error(exc),
-                )
-                self.native_streaming = False
-        response = await self.client.chat_postMessage(
-            channel=conversation.channel,
-            thread_ts=conversation.thread or None,
-            text=markdown_to_mrkdwn(text),
-            unfurl_links=False,
-        )
-        ts = str(response["ts"])
-        await parts.record(stream_part(0), ts)
-        return _Stream(ts, native=False, shown=text)
-
-    async def _stop_stream(self, reply: Reply, ts: str, **final: Any) -> bool:
-        """Stop a native stream (with its final text and buttons); False if Slack has
-        expired it or cannot (the message is then edited)."""
-        try:
-            await self.client.chat_stopStream(channel=reply.conversation.channel, ts=ts, **final)
-            return True
-        except SlackApiError as exc:
-            if _error(exc) != STREAM_EXPIRED and _error(exc) not in NO_STREAMING:
-                log.warning("could not stop the stream %s: %s", ts, _error(exc))
-            return False
-
-    async def _finish_stream(
-        self, reply: Reply, ts: str, chunk: str, blocks: list[dict[str, Any]] | None, single: bool
-    ) -> None:
-        """Turn the streamed message into the reply's first part."""
-        stream = self._streams.pop(reply.reply_id, None)
-        if stream is not None and stream.native:
-            if single and reply.text.startswith(stream.shown):
-                # The rest of the text and the buttons arrive with stopStream.
-                rest = reply.text[len(stream.shown) :]
-                actions = [b for b in blocks or [] if b.get("type") == "actions"]
-                final: dict[str, Any] = {}
-                if rest:
-                    final["markdown_text"] = rest
-                if actions:
-                    final["blocks"] = actions
-                if await self._stop_stream(reply, ts, **final):
-                    return
-            else:
-                await self._stop_stream(reply, ts)
-        await self.client.chat_update(
-            channel=reply.conversation.channel, ts=ts, text=chunk, blocks=blocks or []
-        )
+    # -- the "is thinking…" status -----------------------------------------------------
 
     async def show_thinking(self, conversation: ConversationKey) -> None:
         """Slack's "is thinking…" status in the thread until the first words; the "working
         on it" message where the status cannot be set."""
-        if conversation.thread and self.native_streaming:
-            try:
-                await self.client.assistant_threads_setStatus(
-                    channel_id=conversation.channel,
-                    thread_ts=conversation.thread,
-                    status=THINKING_STATUS,
-                )
-                return
-            except SlackApiError as exc:
-                log.info("no thinking status in %s (%s)", conversation.id, _error(exc))
-            except ClientError as exc:
-                log.warning("no thinking status in %s: %s", conversation.id, exc)
-        await self.show_working(conversation)
+        if not await self.streams.set_thinking(conversation):
+            await self.show_working(conversation)
 
     # -- replies (from the outbox) ------------------------------------------------------
 
@@ -244,7 +106,7 @@ class SlackPoster:
             blocks = _blocks(chunk, reply) if index == len(chunks) - 1 else None
             try:
                 if index == 0 and 0 in streamed:  # shown while it was generated
-                    await self._finish_stream(reply, streamed[0], chunk, blocks, len(chunks) == 1)
+                    await self.streams.finish(reply, streamed[0], chunk, blocks, len(chunks) == 1)
                     await parts.record(0, streamed[0])
                     continue
                 if index == 0 and await self._replace_placeholder(
@@ -365,19 +227,6 @@ class SlackPoster:
             await self.client.chat_postEphemeral(channel=channel, user=user, text=text)
         except (SlackApiError, ClientError) as exc:
             log.warning("could not answer %s in %s: %s", user, channel, exc)
-
-
-class _Stream:
-    """A message this process is streaming a reply into."""
-
-    def __init__(self, ts: str, *, native: bool, shown: str = "") -> None:
-        self.ts = ts
-        self.native = native  # chat.appendStream; else chat.update
-        self.shown = shown
-
-
-def _error(exc: SlackApiError) -> str:
-    return str(exc.response.get("error", ""))
 
 
 def _blocks(text: str, reply: Reply) -> list[dict[str, Any]] | None:
