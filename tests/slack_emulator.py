@@ -798,22 +798,26 @@ class SlackEmulator:
         self.posted.append({**params, "text": text, "thread_ts": thread_ts, "ts": ts})
         return {"channel": channel, "ts": ts}
 
-    def _chat_append_stream(self, params: JsonDict) -> JsonDict:
+    def _streaming(self, params: JsonDict) -> _Message | JsonDict:
+        """The streaming message `params` name, with their text appended; else the error."""
         found = self._find(params)
         if found is None:
             return {"ok": False, "error": "message_not_found"}
         if not found.streaming:
             return {"ok": False, "error": "message_not_in_streaming_state"}
         found.text += str(params.get("markdown_text") or "")
+        return found
+
+    def _chat_append_stream(self, params: JsonDict) -> JsonDict:
+        found = self._streaming(params)
+        if isinstance(found, dict):
+            return found
         return {"channel": found.channel, "ts": found.ts}
 
     def _chat_stop_stream(self, params: JsonDict) -> JsonDict:
-        found = self._find(params)
-        if found is None:
-            return {"ok": False, "error": "message_not_found"}
-        if not found.streaming:
-            return {"ok": False, "error": "message_not_in_streaming_state"}
-        found.text += str(params.get("markdown_text") or "")
+        found = self._streaming(params)
+        if isinstance(found, dict):
+            return found
         if params.get("blocks"):
             found.blocks = _json_field(params["blocks"])
         found.streaming = False

@@ -138,6 +138,7 @@ async def test_the_real_engine_streams_through_the_worker(
     [final] = await outbox(redis, settings)
     stream = await redis.xrange(Keys(settings.namespace).reply_stream(A, final.reply_id))
     texts = [fields["text"] for _, fields in stream if "text" in fields]
+    assert texts, "nothing streamed"
     assert all(final.text.startswith(text) for text in texts)
 
 

@@ -32,6 +32,11 @@ class Generation:
     error: str = ""  # for operators only, when finish_reason == "error"
 
 
+def failed(request: GenerationRequest, exc: BaseException) -> Generation:
+    """The Generation of a request that failed (the reason is for operators only)."""
+    return Generation(request.request_id, "", "error", error=f"{type(exc).__name__}: {exc}")
+
+
 # Called with the reply's text so far, each time it grows, on the caller's event loop.
 TextListener = Callable[[str], None]
 

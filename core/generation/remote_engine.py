@@ -21,7 +21,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from core.generation.engine import ChatTurn, Generation, GenerationRequest, TextListener
+from core.generation.engine import (
+    ChatTurn,
+    Generation,
+    GenerationRequest,
+    TextListener,
+    failed,
+)
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,7 +108,7 @@ class RemoteEngine:
                     log.error(
                         "the engine at %s failed mid-reply: %s", self.settings.engine_url, exc
                     )
-                    return _failed(request, exc)
+                    return failed(request, exc)
                 if attempt == ATTEMPTS_BEFORE_FIRST_TOKEN:
                     log.error(
                         "the engine at %s failed %d times: %s",
@@ -110,7 +116,7 @@ class RemoteEngine:
                         attempt,
                         exc,
                     )
-                    return _failed(request, exc)
+                    return failed(request, exc)
                 log.warning(
                     "the engine at %s failed (%s); trying again (%d of %d)",
                     self.settings.engine_url,
@@ -121,24 +127,20 @@ class RemoteEngine:
                 await asyncio.sleep(RETRY_PAUSE_S * attempt)
                 continue
             if not finish:  # the stream ended without saying why: cut off
-                return _failed(request, RemoteEngineError("the stream ended early"))
+                return failed(request, RemoteEngineError("the stream ended early"))
             return Generation(
                 request.request_id,
                 text,
                 "length" if finish == "length" else "stop",
                 new_tokens=tokens,
             )
-        return _failed(request, RemoteEngineError("no attempt left"))  # not reached
+        return failed(request, RemoteEngineError("no attempt left"))  # not reached
 
     def close(self) -> None:
         pass
 
     async def aclose(self) -> None:
         await self.client.close()
-
-
-def _failed(request: GenerationRequest, exc: BaseException) -> Generation:
-    return Generation(request.request_id, "", "error", error=f"{type(exc).__name__}: {exc}")
 
 
 def load_remote_engine(settings: Settings, progress: Any) -> RemoteEngine:

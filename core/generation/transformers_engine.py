@@ -22,7 +22,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from core.generation.batcher import ContinuousBatcher, Submitted
-from core.generation.engine import ChatTurn, Generation, GenerationRequest, TextListener
+from core.generation.engine import (
+    ChatTurn,
+    Generation,
+    GenerationRequest,
+    TextListener,
+    failed,
+)
 from core.generation.model_files import Progress, load_model
 from core.settings import Settings
 
@@ -147,7 +153,7 @@ class TransformersEngine:
             ids = self.encode(request.turns)
         except Exception as exc:  # a broken request fails alone
             log.exception("could not build the prompt for request %s", request.request_id)
-            return _failed(request, exc)
+            return failed(request, exc)
         finished: asyncio.Future[Generation] = loop.create_future()
 
         def done(generation: Generation) -> None:  # on the engine thread
@@ -180,7 +186,7 @@ class TransformersEngine:
                 ids = self.encode(request.turns)
             except Exception as exc:  # a broken request must not sink its batch
                 log.exception("could not build the prompt for request %s", request.request_id)
-                results[request.request_id] = _failed(request, exc)
+                results[request.request_id] = failed(request, exc)
                 continue
             encoded.append((request, ids))
         encoded.sort(key=lambda item: len(item[1]))
@@ -197,7 +203,7 @@ class TransformersEngine:
             if len(chunk) == 1:
                 request = chunk[0][0]
                 log.exception("generation failed for request %s", request.request_id)
-                return [_failed(request, RuntimeError("generation failed"))]
+                return [failed(request, RuntimeError("generation failed"))]
             log.exception(
                 "batched generation of %d requests failed; retrying one by one", len(chunk)
             )
@@ -266,15 +272,6 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> No
 def _resolve(future: asyncio.Future[Generation], generation: Generation) -> None:
     if not future.done():
         future.set_result(generation)
-
-
-def _failed(request: GenerationRequest, exc: BaseException) -> Generation:
-    return Generation(
-        request_id=request.request_id,
-        text="",
-        finish_reason="error",
-        error=f"{type(exc).__name__}: {exc}",
-    )
 
 
 def load_engine(
