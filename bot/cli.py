@@ -1,6 +1,6 @@
 """The `chatbot` command: run, worker, chat, slack, discord (`bot.serve`), health,
-prepare-model, and the operator commands of `bot.admin` (kb, workspace, stats,
-conversation, user, handoff).
+prepare-model, the operator commands of `bot.admin` (kb, workspace, stats,
+conversation, user, handoff), and `watermark detect` (`bot.watermark`).
 
 Only what a command needs is imported: torch and transformers load in the worker and in
 `prepare-model`, never for an adapter or an operator command.
@@ -18,6 +18,7 @@ from typing import Any
 from bot.admin import add_admin_commands
 from bot.redis_session import known_redis_url, redis_session
 from bot.serve import cmd_chat, cmd_discord, cmd_run, cmd_slack, cmd_worker, progress
+from bot.watermark import DetectInputError, add_watermark_commands
 from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
 from core.health import check_health
 from core.keys import Keys
@@ -77,6 +78,11 @@ async def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
             print(f"unhealthy: Redis at {where} is unreachable ({exc})", file=sys.stderr)
             return EXIT_FAILURE
     print(health.to_json())
+    for worker in health.workers:
+        status = str(worker.get("watermark", ""))
+        if status.startswith("unavailable"):
+            name = worker.get("consumer", "?")
+            print(f"warning: worker {name}: watermark {status}", file=sys.stderr)
     if not health.ok:
         print("unhealthy: no live worker", file=sys.stderr)
     return 0 if health.ok else EXIT_FAILURE
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="first bring the knowledge base (CHATBOT_KB) in line with this folder",
             )
     add_admin_commands(sub)
+    add_watermark_commands(sub)
     return parser
 
 
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"chatbot: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except KnowledgeBaseError as exc:
+    except (KnowledgeBaseError, DetectInputError) as exc:
         print(f"chatbot: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (ModelLoadError, RedisServerError) as exc:

@@ -79,6 +79,11 @@ async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) ->
         engine = await loop.run_in_executor(executor, load_remote_engine, settings, progress)
         engine.executor = executor
         log.info("generating with the engine at %s", settings.engine_url)
+        if settings.watermark_key:
+            log.warning(
+                "CHATBOT_WATERMARK_KEY is set, but replies from CHATBOT_ENGINE_URL cannot be "
+                "watermarked (only the local engine applies the watermark)"
+            )
     else:
         engine = await open_engine(settings, progress)
     loop = asyncio.get_running_loop()

@@ -15,7 +15,7 @@ import time
 from core.conversation import ConversationKey, Message, Reply, ReplyId, Role
 from core.errors import POLITE_FAILURE
 from core.jobs import Job, JobQueue, Outbox
-from core.policy import Draft
+from core.policy import Draft, disclosure_line
 from core.redis_conn import with_retry
 from core.store import ConversationStore
 from core.support.feedback import Feedback
@@ -104,10 +104,15 @@ def reply_to(
 
 
 def assistant_message(reply: Reply) -> Message:
-    """The reply as the bot's turn in the conversation's history."""
+    """The reply as the bot's turn in the conversation's history (without the disclosure
+    line: the model should not learn to write it)."""
+    text = reply.text
+    disclosure = reply.meta.get("disclosure")
+    if disclosure:
+        text = text.removesuffix(f"\n\n{disclosure_line(str(disclosure))}")
     return Message(
         role=Role.ASSISTANT,
-        text=reply.text,
+        text=text,
         author_id=ASSISTANT_ID,
         author_name=ASSISTANT_NAME,
         message_id=reply.reply_id,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -160,6 +160,7 @@ class Generate:
     max_new_tokens: int
     knowledge: bool = False  # a knowledge base is loaded (so no fact may come from the model)
     offer_handoff: bool = False
+    disclosure: str = ""  # the workspace's "Answered by an AI assistant" line, if any
 
     def draft(self, generated: str, finish_reason: FinishReason, shown: str = "") -> Draft:
         """The reply; it starts with whatever was `shown` while it was generated."""
@@ -167,15 +168,46 @@ class Generate:
             finalize_reply(generated, finish_reason, shown), knowledge=self.knowledge
         )
         meta: dict[str, Any] = {"actions": ["feedback"]}
+        spans = generated_spans(text, generated)
+        if spans:  # what the model wrote, for `chatbot watermark detect --reply`
+            meta["generated"] = spans
         if self.offer_handoff:
             text = f"{text}\n\n{FRUSTRATION_OFFER}"
             meta["actions"] = ["feedback", "handoff"]
-        return Draft(text, meta=meta)
+        return disclose(Draft(text, meta=meta), self.disclosure)
 
     def so_far(self, generated: str) -> str:
         """What may be shown while the reply is generated: never more than `draft`'s text
         will start with, and nothing a check of the final reply could remove."""
         return chat_so_far(generated, knowledge=self.knowledge)
+
+
+def disclose(draft: Draft, disclosure: str) -> Draft:
+    """The draft with the workspace's disclosure line under it (and named in its meta, so
+    that the conversation's history keeps the reply without it)."""
+    if not disclosure:
+        return draft
+    meta = {**draft.meta, "disclosure": disclosure}
+    return Draft(f"{draft.text}\n\n{disclosure_line(disclosure)}", draft.kind, meta)
+
+
+def disclosure_line(disclosure: str) -> str:
+    return f"_{disclosure}_"  # italics in Slack's mrkdwn and in Discord's markdown
+
+
+def generated_spans(text: str, generated: str) -> list[list[int]]:
+    """[start, end) character spans of `text` that are the model's own words.
+
+    `Generate.draft` only trims the model's text and cuts it short (ending it with "…" or a
+    fixed frame where it must), so what the model wrote is the part of `text` that starts
+    it the same way; a fixed reply that replaced it shares nothing with it."""
+    model = generated.strip()
+    length = 0
+    for mine, theirs in zip(text, model, strict=False):
+        if mine != theirs:
+            break
+        length += 1
+    return [[0, length]] if length else []
 
 
 Plan = StayQuiet | ConfirmForget | ForgetUser | StartHandoff | PostText | Generate
@@ -197,7 +229,19 @@ class AnswerPolicy:
         self.retriever = retriever
 
     async def decide(self, conversation: ConversationKey, history: Sequence[Message]) -> Plan:
-        """The plan for the newest user message of `history`."""
+        """The plan for the newest user message of `history`, its replies disclosed as the
+        workspace asks."""
+        plan = await self._decide(conversation, history)
+        config = await self.workspaces.config(conversation.platform, conversation.workspace)
+        if not config.disclosure:
+            return plan
+        if isinstance(plan, Generate):
+            return replace(plan, disclosure=config.disclosure)
+        if isinstance(plan, PostText | StartHandoff | ConfirmForget):
+            return replace(plan, reply=disclose(plan.reply, config.disclosure))
+        return plan
+
+    async def _decide(self, conversation: ConversationKey, history: Sequence[Message]) -> Plan:
         if await self.handoffs.get(conversation) is not None:
             return StayQuiet()
         newest = next(m for m in reversed(history) if m.role is Role.USER)

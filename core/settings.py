@@ -137,6 +137,19 @@ def _secret(name: str, raw: str) -> str | None:
     return raw.strip() or None
 
 
+MIN_WATERMARK_KEY_CHARS = 16
+
+
+def _watermark_key(name: str, raw: str) -> str | None:
+    key = raw.strip()
+    if key and len(key) < MIN_WATERMARK_KEY_CHARS:
+        raise SettingsError(
+            f"{name} is {len(key)} characters; use a random secret of at least "
+            f"{MIN_WATERMARK_KEY_CHARS} (for example the output of `openssl rand -hex 32`)"
+        )
+    return key or None
+
+
 def _env(name: str, parse: Callable[[str, str], Any] = _text, **kwargs: Any) -> Any:
     """A dataclass field read from environment variable `name`, converted by `parse`."""
     metadata = {"env": name, "parse": parse}
@@ -161,6 +174,8 @@ class Settings:
     engine_url: str | None = _env("CHATBOT_ENGINE_URL", _optional_http_url, default=None)
     engine_model: str = _env("CHATBOT_ENGINE_MODEL", default="")
     engine_api_key: str | None = _env("CHATBOT_ENGINE_API_KEY", _secret, default=None)
+    # Locally generated text carries a statistical watermark keyed by this secret.
+    watermark_key: str | None = _env("CHATBOT_WATERMARK_KEY", _watermark_key, default=None)
     # Replies appear as they are generated ("on") or when complete ("off").
     streaming: bool = _env("CHATBOT_STREAMING", _flag, default=True)
     max_deliveries: int = _env("CHATBOT_MAX_DELIVERIES", _positive_int, default=3)

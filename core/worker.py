@@ -80,6 +80,15 @@ class Prepared:
     plan: Generate
 
 
+def watermark_status(settings: Settings) -> str:
+    """What `chatbot health` says of the watermark on this worker's replies."""
+    if not settings.watermark_key:
+        return "off"
+    if settings.engine_url:
+        return "unavailable: replies come from CHATBOT_ENGINE_URL, which we cannot watermark"
+    return "on"
+
+
 class Worker:
     def __init__(
         self,
@@ -116,6 +125,7 @@ class Worker:
             status=lambda: {
                 "replies_published": self.delivery.replies_published,
                 "in_flight": len(self._in_flight),
+                "watermark": watermark_status(settings),
             },
         )
 

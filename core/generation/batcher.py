@@ -11,7 +11,8 @@ the batch changes at every decoding step instead:
   once: its rows of the cache are dropped, and columns no remaining row uses are trimmed.
 
 Decoding is greedy with the repetition penalty that `generate` applied (a boolean mask of
-the tokens each row has seen, so the penalty costs one pass over the logits per step).
+the tokens each row has seen, so the penalty costs one pass over the logits per step), then,
+when a key is set, the watermark's bias on each row's own green list (`core.watermark`).
 Text goes out as it grows (`on_text`, the reply so far), from the engine thread: callers
 hand it to their own event loop.
 
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 
 from core.generation.engine import FinishReason, Generation, GenerationRequest, TextListener
 from core.generation.kv_cache import cache_layers, new_cache, set_kv
+from core.generation.watermarking import bias_logits
+from core.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ class ContinuousBatcher:
         decode: Callable[[list[int]], str],
         max_batch_size: int,
         repetition_penalty: float,
+        watermark: Watermark | None = None,
     ) -> None:
         self.model = model
         self.executor = executor
@@ -89,6 +93,7 @@ class ContinuousBatcher:
         self.decode = decode
         self.max_batch_size = max_batch_size
         self.repetition_penalty = repetition_penalty
+        self.watermark = watermark
         self.device = next(model.parameters()).device
         # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns).
         parameters = inspect.signature(model.forward).parameters
@@ -234,12 +239,15 @@ class ContinuousBatcher:
         return self._retire(batch)
 
     def _pick(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The next token of every row: greedy, after the repetition penalty."""
+        """The next token of every row: greedy, after the repetition penalty and then the
+        watermark's bias (keyed on the token each row saw last: `batch.last`)."""
         logits = logits.float()
         penalty = self.repetition_penalty
         if penalty != 1.0:
             penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
             logits = torch.where(batch.seen, penalized, logits)
+        if self.watermark is not None:
+            logits = bias_logits(logits, batch.last.tolist(), self.watermark)
         chosen = logits.argmax(-1)
         batch.seen[torch.arange(len(chosen), device=chosen.device), chosen] = True
         return chosen

@@ -30,7 +30,9 @@ from core.generation.engine import (
     failed,
 )
 from core.generation.model_files import Progress, load_model
+from core.generation.watermarking import WatermarkProcessor
 from core.settings import Settings
+from core.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,10 @@ class TransformersEngine:
         context_tokens: int,
         max_batch_size: int,
         executor: Executor | None = None,
+        watermark: Watermark | None = None,
     ) -> None:
         self.model = model
+        self.watermark = watermark
         self.executor = executor or engine_thread()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -81,6 +85,7 @@ class TransformersEngine:
             decode=lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=True)),
             max_batch_size=max_batch_size,
             repetition_penalty=REPETITION_PENALTY,
+            watermark=watermark,
         )
 
     @property
@@ -217,6 +222,7 @@ class TransformersEngine:
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - len(ids) :] = 1
         max_new = max(request.max_new_tokens for request, _ in chunk)
+        processors = [WatermarkProcessor(self.watermark)] if self.watermark else []
         with torch.inference_mode(), self._attention_backends():
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
@@ -226,6 +232,7 @@ class TransformersEngine:
                 repetition_penalty=REPETITION_PENALTY,
                 pad_token_id=self.pad_id,
                 eos_token_id=self.stop_ids,
+                logits_processor=processors,
             )
         generations = []
         for row, (request, ids) in enumerate(chunk):
@@ -287,6 +294,7 @@ def load_engine(
         context_tokens=settings.context_tokens,
         max_batch_size=settings.max_batch_size,
         executor=executor,
+        watermark=Watermark(settings.watermark_key) if settings.watermark_key else None,
     )
 
 

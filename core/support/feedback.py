@@ -1,9 +1,10 @@
 """What the bot answered, how users rated it, and the counters `chatbot stats` prints.
 
-Each answer is recorded in its conversation (`Keys.answers`: kind and sources) and expires
-with it. A rating (+1 / -1, one per user per answer; a second click changes it) is stored
-beside it (`Keys.feedback`). Counters per workspace (`Keys.stats`) are plain numbers with no
-personal data, kept after conversations expire.
+Each answer is recorded in its conversation (`Keys.answers`: kind, sources, and the spans
+of its text the model generated) and expires with it. A rating (+1 / -1, one per user per
+answer; a second click changes it) is stored beside it (`Keys.feedback`). Counters per
+workspace (`Keys.stats`) are plain numbers with no personal data, kept after conversations
+expire.
 """
 
 from __future__ import annotations
@@ -52,7 +53,15 @@ class Feedback:
         if counter is None:
             return
         conv = reply.conversation
-        record = {"kind": reply.kind, "sources": reply.meta.get("sources", []), "at": time.time()}
+        record: dict[str, Any] = {
+            "kind": reply.kind,
+            "sources": reply.meta.get("sources", []),
+            "at": time.time(),
+        }
+        if reply.meta.get("generated"):
+            # The model's own words, for `chatbot watermark detect --reply`: quoted passages
+            # and fixed frames are not the model's and are not scored.
+            record["generated"] = [reply.text[start:end] for start, end in reply.meta["generated"]]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.keys.answers(conv), reply.reply_id, json.dumps(record))
             pipe.expire(self.keys.answers(conv), self.ttl_s)
@@ -72,6 +81,18 @@ class Feedback:
             args=[f"{reply_id}|{user_id}", 1 if helpful else -1, self.ttl_s],
         )
         return True
+
+    async def record(self, reply_id: str) -> dict[str, Any] | None:
+        """What was recorded of a reply (None: no such answer, or it expired)."""
+        try:
+            conv = ReplyId.parse(reply_id).conversation
+        except ValueError:
+            return None
+        raw = await self.redis.hget(self.keys.answers(conv), reply_id)
+        if raw is None:
+            return None
+        found: dict[str, Any] = json.loads(raw)
+        return found
 
     async def ratings(self, conversation: ConversationKey) -> dict[str, int]:
         raw = await self.redis.hgetall(self.keys.feedback(conversation))

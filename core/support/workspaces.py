@@ -1,8 +1,9 @@
 """Per-workspace settings (a Slack workspace, a Discord guild), stored in Redis.
 
 Each field overrides the process-wide setting of the same meaning for that workspace only:
-the persona, the knowledge base, the support contact that handoffs notify, and the channels
-the bot may answer in (direct messages are always answered). Managed with
+the persona, the knowledge base, the support contact that handoffs notify, the channels
+the bot may answer in (direct messages are always answered), and a disclosure line under
+every reply for teams whose policy asks for one. Managed with
 `chatbot workspace set|show|unset|list`.
 """
 
@@ -27,6 +28,9 @@ FIELDS = {
         "(CHATBOT_SUPPORT_MENTION)"
     ),
     "channels": "comma-separated channel ids the bot may answer in (empty: all)",
+    "disclosure": (
+        'a line under every reply to customers, e.g. "Answered by an AI assistant" (empty: none)'
+    ),
 }
 
 
@@ -37,6 +41,7 @@ class WorkspaceConfig:
     support_channel: str
     support_mention: str
     channels: frozenset[str]
+    disclosure: str = ""
 
     served: bool = True  # False: CHATBOT_WORKSPACES=listed and `chatbot workspace` lacks it
 
@@ -80,6 +85,7 @@ class Workspaces:
             support_channel=o.get("support_channel", s.support_channel),
             support_mention=o.get("support_mention", s.support_mention),
             channels=channels,
+            disclosure=o.get("disclosure", ""),
             served=s.workspaces == "open" or bool(o),
         )
 
