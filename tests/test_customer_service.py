@@ -211,6 +211,28 @@ async def test_a_workspace_can_limit_the_channels_the_bot_answers_in(cs_slack: H
     await slack.wait_thread("D1", None, lambda t: any(cited(x) for x in t))
 
 
+async def test_a_workspace_disclosure_line_is_under_every_reply(cs_slack: Harness) -> None:
+    slack = cs_slack
+    await Workspaces(slack.redis, Keys(slack.settings.namespace), slack.settings).set(
+        "slack", TEAM, {"disclosure": "Answered by an AI assistant"}
+    )
+    asked = app_mention("<@UBOT> how much does standard shipping cost?", channel="C1")
+    await slack.send(asked)
+    thread = await slack.wait_thread("C1", asked["ts"], lambda t: any(cited(x) for x in t))
+    answer = next(x for x in thread if cited(x))
+    assert answer.rstrip().endswith("_Answered by an AI assistant_")
+    greeting = app_mention("<@UBOT> hello", channel="C1")
+    await slack.send(greeting)
+    [hello] = await slack.wait_thread(
+        "C1", greeting["ts"], lambda t: len(t) == 1 and "Working on it" not in t[0]
+    )
+    assert hello.rstrip().endswith("_Answered by an AI assistant_"), hello
+    # The conversation's history keeps the bot's words without it (the model's context).
+    history = await make_store(slack.redis, slack.settings).history(conversation("C1", asked["ts"]))
+    bot_turns = [m.text for m in history if m.role is Role.ASSISTANT]
+    assert bot_turns and not any("AI assistant" in t for t in bot_turns)
+
+
 # -- user data ------------------------------------------------------------------------------
 
 
