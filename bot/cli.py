@@ -18,8 +18,15 @@ from typing import Any
 from bot.admin import add_admin_commands
 from bot.redis_session import known_redis_url, redis_session
 from bot.serve import cmd_chat, cmd_discord, cmd_run, cmd_slack, cmd_worker, progress
+from bot.training import add_training_commands
 from bot.watermark import DetectInputError, add_watermark_commands
-from core.errors import ChatbotError, ModelLoadError, RedisServerError, SettingsError
+from core.errors import (
+    ChatbotError,
+    DataError,
+    ModelLoadError,
+    RedisServerError,
+    SettingsError,
+)
 from core.health import check_health
 from core.keys import Keys
 from core.knowledge.documents import KnowledgeBaseError
@@ -140,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
     add_admin_commands(sub)
     add_watermark_commands(sub)
+    add_training_commands(sub)
     return parser
 
 
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"chatbot: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (KnowledgeBaseError, DetectInputError) as exc:
+    except (KnowledgeBaseError, DetectInputError, DataError) as exc:
         print(f"chatbot: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (ModelLoadError, RedisServerError) as exc:

@@ -5,7 +5,8 @@
     ├── ModelLoadError       the model or tokenizer could not be loaded or prepared
     ├── StoreUnavailable     Redis could not be reached (after retries)
     ├── RedisServerError     the embedded redis-server could not be started
-    └── GenerationError      the engine failed on a request
+    ├── GenerationError      the engine failed on a request
+    └── DataError            a dialogue file for training or evaluation is malformed
 
 Users never see these messages; they see `POLITE_FAILURE` or a text chosen by the adapter.
 Operators see the message and the traceback in the log.
@@ -41,3 +42,7 @@ class RedisServerError(ChatbotError):
 
 class GenerationError(ChatbotError):
     pass
+
+
+class DataError(ChatbotError):
+    """Names the file, the entry and the problem."""

@@ -1,0 +1,143 @@
+"""`chatbot train sft` and `chatbot eval` (`core.training`).
+
+Both load a model of their own (the serving one is never touched): `--base`/`--model` name
+it like CHATBOT_MODEL does (empty: the bundled SmolLM2); the output of `train` is a model
+directory that CHATBOT_MODEL loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.errors import DataError
+from core.settings import Settings
+
+EXAMPLE_HELD_OUT = (
+    Path(__file__).resolve().parent.parent / "examples" / "dialogues" / "held-out.jsonl"
+)
+
+
+def _progress(message: str, *args: Any) -> None:
+    print(message % args if args else message, file=sys.stderr)
+
+
+def _serving_location(settings: Settings) -> Path:
+    from core.generation.model_files import prepare_model
+
+    return Path(prepare_model(settings.model, settings.cache_dir, _progress)[1]).resolve()
+
+
+async def cmd_train_sft(settings: Settings, args: argparse.Namespace) -> int:
+    from core.generation.model_files import load_model
+    from core.training.data import load_dialogues, rows
+    from core.training.sft import TrainOptions, train_sft
+
+    dialogues = load_dialogues(args.data)
+    train_rows = rows(dialogues, settings.persona)
+    out = args.out.resolve()
+    if out == _serving_location(settings):
+        raise DataError(f"--out {args.out} is the model the workers serve: write elsewhere")
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise DataError(f"--out {args.out} is not empty: pick a new directory or pass --resume")
+    base = settings.model if args.base is None else args.base
+    model, tokenizer, _device = await asyncio.to_thread(
+        load_model, base, settings.device, "float32", settings.cache_dir, _progress
+    )
+    options = TrainOptions(
+        out=out,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        lora=args.lora,
+        resume=args.resume,
+        max_steps=args.max_steps,
+    )
+    print(
+        f"training on {len(train_rows)} assistant turns of {len(dialogues)} dialogues",
+        file=sys.stderr,
+    )
+    result = await asyncio.to_thread(train_sft, model, tokenizer, train_rows, options)
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s "
+        f"(loss {result.first_loss:.3f} -> {result.last_loss:.3f}); "
+        f"serve it with CHATBOT_MODEL={result.out}"
+    )
+    return 0
+
+
+async def _evaluate(settings: Settings, model_spec: str, data: list[Path]) -> dict[str, Any]:
+    from core.generation.transformers_engine import open_engine
+    from core.training.data import load_dialogues, rows
+    from core.training.evaluate import evaluate
+
+    dialogues = load_dialogues(data)
+    eval_rows = rows(dialogues, settings.persona)
+    spec = Settings.from_mapping(
+        {
+            "CHATBOT_MODEL": model_spec,
+            "CHATBOT_DEVICE": settings.device,
+            "CHATBOT_DTYPE": settings.dtype,
+            "CHATBOT_CACHE_DIR": str(settings.cache_dir),
+            "CHATBOT_CONTEXT_TOKENS": str(settings.context_tokens),
+            "CHATBOT_MAX_NEW_TOKENS": str(settings.max_new_tokens),
+            "CHATBOT_MAX_BATCH_SIZE": str(settings.max_batch_size),
+        }
+    )
+    engine = await open_engine(spec, _progress)
+    try:
+        result = await evaluate(
+            engine,
+            eval_rows,
+            model_name=model_spec or "bundled SmolLM2-135M-Instruct",
+            dialogues=len(dialogues),
+            max_new_tokens=settings.max_new_tokens,
+        )
+    finally:
+        engine.close()
+    return result.to_dict()
+
+
+async def cmd_eval(settings: Settings, args: argparse.Namespace) -> int:
+    data = args.data or [EXAMPLE_HELD_OUT]
+    specs = args.compare or [settings.model if args.model is None else args.model]
+    results = [await _evaluate(settings, spec, data) for spec in specs]
+    for result in results:
+        print(
+            f"{result['model']}: perplexity {result['perplexity']:.3f}, BLEU {result['bleu']:.2f}, "
+            f"chrF {result['chrf']:.2f} ({result['assistant_tokens']} assistant tokens, "
+            f"{result['dialogues']} dialogues)"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results if args.compare else results[0], indent=2) + "\n")
+    return 0
+
+
+def add_training_commands(sub: Any) -> None:
+    train = sub.add_parser("train", help="fine-tune the chat model").add_subparsers(
+        dest="train_command", required=True, metavar="METHOD"
+    )
+    help_text = "supervised fine-tuning on dialogue files (loss on assistant turns only)"
+    sft = train.add_parser("sft", help=help_text, description=help_text)
+    sft.add_argument("--data", type=Path, nargs="+", required=True, metavar="FILE")
+    sft.add_argument("--out", type=Path, required=True, metavar="DIR")
+    sft.add_argument("--base", default=None, metavar="MODEL", help="default: CHATBOT_MODEL")
+    sft.add_argument("--epochs", type=float, default=3.0)
+    sft.add_argument("--learning-rate", type=float, default=5e-5)
+    sft.add_argument("--batch-size", type=int, default=4)
+    sft.add_argument("--max-steps", type=int, default=-1, help="stop after N steps")
+    sft.add_argument("--lora", action="store_true", help="train a LoRA adapter, then merge it")
+    sft.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    sft.set_defaults(handler=cmd_train_sft)
+
+    help_text = "perplexity on assistant turns, BLEU and chrF of generated replies"
+    ev = sub.add_parser("eval", help=help_text, description=help_text)
+    ev.add_argument("--data", type=Path, nargs="+", default=None, metavar="FILE")
+    ev.add_argument("--model", default=None, metavar="MODEL", help="default: CHATBOT_MODEL")
+    ev.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"))
+    ev.add_argument("--json", type=Path, default=None, metavar="OUT")
+    ev.set_defaults(handler=cmd_eval)

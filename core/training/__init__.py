@@ -1,0 +1,1 @@
+"""Learning from the job: dialogue data, fine-tuning, evaluation (`chatbot train`, `eval`)."""
