@@ -164,17 +164,27 @@ def detection_by_length(watermark: Watermark, ids: list[list[int]]) -> dict[str,
     return table
 
 
-def false_positives(watermark: Watermark, ids: list[list[int]]) -> dict[str, Any]:
-    """Each text cut into windows of each length; z over every window."""
+def false_positives(marks: Sequence[Watermark], ids: list[list[int]]) -> dict[str, Any]:
+    """Each text cut into windows of each length; z of every window under every key.
+
+    One key is not enough to estimate the rate: for a fixed key the green status of a
+    frequent phrase is fixed, so texts of one model that share phrases share their z. Over
+    many keys the rate is what a team with a key of its own can expect; the worst key
+    shows how far one key can be from that."""
     table = {}
     for length in LENGTHS:
         windows = [i[s : s + length] for i in ids for s in range(0, len(i) - length + 1, length)]
         if not windows:
             continue
-        zs = [watermark.score([w]).z_score for w in windows]
+        per_key = [[mark.score([w]).z_score for w in windows] for mark in marks]
+        zs = [z for key_zs in per_key for z in key_zs]
         table[str(length)] = {
-            "windows": len(zs),
-            "false_positive_rate": round(sum(z >= Z_THRESHOLD for z in zs) / len(zs), 4),
+            "windows": len(windows),
+            "keys": len(marks),
+            "false_positive_rate": round(sum(z >= Z_THRESHOLD for z in zs) / len(zs), 5),
+            "worst_key_rate": round(
+                max(sum(z >= Z_THRESHOLD for z in k) / len(k) for k in per_key), 5
+            ),
             "z_mean": round(statistics.fmean(zs), 3),
             "z_stdev": round(statistics.pstdev(zs), 3),
             "z_max": round(max(zs), 2),
@@ -217,8 +227,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": round(plain_tok_s, 1),
         "mean_tokens": round(statistics.fmean(map(len, unmarked_ids)), 1),
         "perplexity": round(perplexity(plain, conversations, unmarked), 3),
+        "replies": unmarked,
     }
-    print(f"off: {json.dumps(results['off'])}", flush=True)
+    print(f"off: {json.dumps({k: v for k, v in results['off'].items() if k != 'replies'})}")
     for gamma, delta in args.settings:
         watermark = Watermark(KEY, gamma=gamma, delta=delta)
         marked_engine = TransformersEngine(
@@ -231,7 +242,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         )
         marked, tok_s = await generate(marked_engine, conversations, args.max_new_tokens)
         marked_ids = [token_ids(plain, t) for t in marked]
-        other = Watermark(OTHER_KEY, gamma=gamma, delta=delta)
+        null_keys = [
+            Watermark(f"{OTHER_KEY}-{n:02d}", gamma=gamma, delta=delta) for n in range(args.keys)
+        ]
         run = {
             "gamma": gamma,
             "delta": delta,
@@ -245,14 +258,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             ),
             "detection": detection_by_length(watermark, marked_ids),
             "false_positives": {
-                "generated_without_key": false_positives(watermark, unmarked_ids),
-                "other_key": false_positives(other, marked_ids),
-                "human_text": false_positives(watermark, human),
+                "generated_without_key": false_positives([watermark, *null_keys], unmarked_ids),
+                "other_key": false_positives(null_keys, marked_ids),
+                "human_text": false_positives([watermark, *null_keys], human),
             },
-            "examples": marked[:3],
+            "replies": marked,
         }
         results["settings"].append(run)
-        print(json.dumps({k: v for k, v in run.items() if k != "examples"}), flush=True)
+        print(json.dumps({k: v for k, v in run.items() if k != "replies"}), flush=True)
     return results
 
 
@@ -274,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[(0.25, 1.0), (0.25, 2.0), (0.25, 4.0), (0.5, 2.0)],
         metavar="GAMMA:DELTA",
     )
+    parser.add_argument("--keys", type=int, default=20, help="other keys for false positives")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))

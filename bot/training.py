@@ -39,11 +39,7 @@ async def cmd_train_sft(settings: Settings, args: argparse.Namespace) -> int:
 
     dialogues = load_dialogues(args.data)
     train_rows = rows(dialogues, settings.persona)
-    out = args.out.resolve()
-    if out == _serving_location(settings):
-        raise DataError(f"--out {args.out} is the model the workers serve: write elsewhere")
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise DataError(f"--out {args.out} is not empty: pick a new directory or pass --resume")
+    out = _checked_out(settings, args)
     base = settings.model if args.base is None else args.base
     model, tokenizer, _device = await asyncio.to_thread(
         load_model, base, settings.device, "float32", settings.cache_dir, _progress
@@ -68,6 +64,87 @@ async def cmd_train_sft(settings: Settings, args: argparse.Namespace) -> int:
         f"serve it with CHATBOT_MODEL={result.out}"
     )
     return 0
+
+
+async def _exported(settings: Settings, kind: str) -> list[dict[str, Any]]:
+    from bot.admin import admin_redis
+    from core.keys import Keys
+    from core.store import ConversationStore
+    from core.training.export import export
+
+    async with admin_redis(settings) as redis:
+        store = ConversationStore.from_settings(redis, settings)
+        return await export(redis, Keys(settings.namespace), store, kind)  # type: ignore[arg-type]
+
+
+async def cmd_data_export(settings: Settings, args: argparse.Namespace) -> int:
+    rows = await _exported(settings, args.kind)
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if args.out:
+        args.out.write_text(lines, encoding="utf-8")
+        print(f"{len(rows)} {args.kind} rows written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it ({exc})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: entry {number}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+async def cmd_train_preference(settings: Settings, args: argparse.Namespace) -> int:
+    from core.generation.model_files import load_model
+    from core.training.preference import train_preference
+    from core.training.sft import TrainOptions
+
+    method = args.train_command
+    if args.data:
+        rows, where = _read_rows(args.data), str(args.data)
+    else:
+        rows, where = await _exported(settings, method), f"what Redis holds ({method})"
+    out = _checked_out(settings, args)
+    base = settings.model if args.base is None else args.base
+    model, tokenizer, _device = await asyncio.to_thread(
+        load_model, base, settings.device, "float32", settings.cache_dir, _progress
+    )
+    options = TrainOptions(
+        out=out,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        lora=args.lora,
+        resume=args.resume,
+        max_steps=args.max_steps,
+    )
+    print(f"training {method.upper()} on {len(rows)} rows from {where}", file=sys.stderr)
+    result = await asyncio.to_thread(
+        train_preference, method, model, tokenizer, rows, settings.persona, options, where
+    )
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s; "
+        f"serve it with CHATBOT_MODEL={result.out}"
+    )
+    return 0
+
+
+def _checked_out(settings: Settings, args: argparse.Namespace) -> Path:
+    out: Path = args.out.resolve()
+    if out == _serving_location(settings):
+        raise DataError(f"--out {args.out} is the model the workers serve: write elsewhere")
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise DataError(f"--out {args.out} is not empty: pick a new directory or pass --resume")
+    return out
 
 
 async def _evaluate(settings: Settings, model_spec: str, data: list[Path]) -> dict[str, Any]:
@@ -121,18 +198,35 @@ def add_training_commands(sub: Any) -> None:
     train = sub.add_parser("train", help="fine-tune the chat model").add_subparsers(
         dest="train_command", required=True, metavar="METHOD"
     )
-    help_text = "supervised fine-tuning on dialogue files (loss on assistant turns only)"
-    sft = train.add_parser("sft", help=help_text, description=help_text)
-    sft.add_argument("--data", type=Path, nargs="+", required=True, metavar="FILE")
-    sft.add_argument("--out", type=Path, required=True, metavar="DIR")
-    sft.add_argument("--base", default=None, metavar="MODEL", help="default: CHATBOT_MODEL")
-    sft.add_argument("--epochs", type=float, default=3.0)
-    sft.add_argument("--learning-rate", type=float, default=5e-5)
-    sft.add_argument("--batch-size", type=int, default=4)
-    sft.add_argument("--max-steps", type=int, default=-1, help="stop after N steps")
-    sft.add_argument("--lora", action="store_true", help="train a LoRA adapter, then merge it")
-    sft.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
-    sft.set_defaults(handler=cmd_train_sft)
+    methods = {
+        "sft": ("supervised fine-tuning on dialogue files (loss on assistant turns only)", 5e-5),
+        "kto": ("KTO on rated answers (from Redis, or --data FILE of kto rows)", 5e-6),
+        "dpo": ("DPO on answers agents corrected (from Redis, or --data FILE)", 5e-6),
+    }
+    for name, (help_text, learning_rate) in methods.items():
+        method = train.add_parser(name, help=help_text, description=help_text)
+        if name == "sft":
+            method.add_argument("--data", type=Path, nargs="+", required=True, metavar="FILE")
+        else:
+            method.add_argument("--data", type=Path, default=None, metavar="FILE")
+        method.add_argument("--out", type=Path, required=True, metavar="DIR")
+        method.add_argument("--base", default=None, metavar="MODEL", help="default: CHATBOT_MODEL")
+        method.add_argument("--epochs", type=float, default=3.0 if name == "sft" else 1.0)
+        method.add_argument("--learning-rate", type=float, default=learning_rate)
+        method.add_argument("--batch-size", type=int, default=4)
+        method.add_argument("--max-steps", type=int, default=-1, help="stop after N steps")
+        method.add_argument("--lora", action="store_true", help="train a LoRA adapter, merge it")
+        method.add_argument("--resume", action="store_true", help="continue from a checkpoint")
+        method.set_defaults(handler=cmd_train_sft if name == "sft" else cmd_train_preference)
+
+    data = sub.add_parser("data", help="training data from the service").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION"
+    )
+    help_text = "export conversations (sft), rated answers (kto) or corrections (dpo) as JSONL"
+    exporting = data.add_parser("export", help=help_text, description=help_text)
+    exporting.add_argument("--kind", choices=["sft", "kto", "dpo"], required=True)
+    exporting.add_argument("--out", type=Path, default=None, metavar="FILE")
+    exporting.set_defaults(handler=cmd_data_export)
 
     help_text = "perplexity on assistant turns, BLEU and chrF of generated replies"
     ev = sub.add_parser("eval", help=help_text, description=help_text)

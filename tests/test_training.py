@@ -227,3 +227,119 @@ def test_the_command_line_parser_knows_the_training_commands() -> None:
     assert args.lora and args.out == Path("m")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "sft", "--out", "m"])  # --data is required
+
+
+# -- from the service: export, KTO, DPO -----------------------------------------------------
+
+
+async def seed_service_data(redis: Any, settings: Any) -> dict[str, Any]:
+    """Three conversations as the service would have stored them: a 👍 answer, a 👎 answer a
+    human agent corrected after a handoff, and one of a user who then asked to be forgotten."""
+    import time
+
+    from core.conversation import ConversationKey, Message, Reply, ReplyId, Role
+    from core.keys import Keys
+    from core.store import ConversationStore
+    from core.support.feedback import Feedback
+
+    keys = Keys(settings.namespace)
+    store = ConversationStore.from_settings(redis, settings)
+    feedback = Feedback(redis, keys, settings.history_ttl_s)
+
+    async def say(conv: ConversationKey, role: Role, text: str, author: str, kind: str = "") -> str:
+        count = len(await store.history(conv))
+        message_id = str(ReplyId.answer(conv, count + 1)) if role is Role.ASSISTANT else f"m{count}"
+        await store.add_message(
+            conv, Message(role, text, author, author.upper(), message_id, time.time())
+        )
+        if kind:
+            await feedback.record_reply(Reply(message_id, conv, text, "m", count + 1, kind=kind))
+        return message_id
+
+    good = ConversationKey("slack", "T1", "C1", "1.0")
+    await say(good, Role.USER, "how much is shipping? mail me at ann@example.com", "u1")
+    liked = await say(good, Role.ASSISTANT, "Standard shipping costs $5.95.", "assistant", "answer")
+    await feedback.rate(liked, "u1", helpful=True)
+
+    bad = ConversationKey("slack", "T1", "C1", "2.0")
+    await say(bad, Role.USER, "can I return a used tent? call me on +1 415 555 0134", "u2")
+    wrong = await say(bad, Role.ASSISTANT, "Yes, any tent can be returned.", "assistant", "answer")
+    await feedback.rate(wrong, "u2", helpful=False)
+    await say(bad, Role.USER, "talk to a person", "u2")
+    await say(bad, Role.ASSISTANT, "A person will join shortly.", "assistant", "handoff")
+    await say(bad, Role.HUMAN_AGENT, "Tents used outdoors cannot be returned, sorry.", "agent1")
+
+    gone = ConversationKey("slack", "T1", "C2", "3.0")
+    await say(gone, Role.USER, "secret question from zed", "u3")
+    disliked = await say(gone, Role.ASSISTANT, "An answer to zed.", "assistant", "answer")
+    await feedback.rate(disliked, "u3", helpful=False)
+    return {"keys": keys, "store": store}
+
+
+async def test_export_masks_pii_drops_the_forgotten_and_makes_each_kind(
+    redis: Any, settings: Any
+) -> None:
+    from core.support.privacy import UserData
+    from core.training.export import export
+
+    seeded = await seed_service_data(redis, settings)
+    await UserData(redis, seeded["keys"], settings.history_ttl_s).forget("slack", "u3")
+    exported = {
+        kind: await export(redis, seeded["keys"], seeded["store"], kind)
+        for kind in ("sft", "kto", "dpo")
+    }
+    dump = json.dumps(exported)
+    assert "ann@example.com" not in dump and "555 0134" not in dump
+    assert "[email]" in dump and "[phone]" in dump
+    assert "zed" not in dump  # the forgotten user's words and the answers to them
+    sft = sorted(exported["sft"], key=lambda r: len(r["messages"]))
+    assert len(sft) == 2
+    roles = [t["role"] for t in sft[1]["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    # The handoff notice is the service talking, not an answer: the agent's words are the
+    # target after the customer's request.
+    assert sft[1]["messages"][-1]["content"] == "Tents used outdoors cannot be returned, sorry."
+    assert sorted((r["label"], r["completion"][0]["content"]) for r in exported["kto"]) == [
+        (False, "Yes, any tent can be returned."),
+        (True, "Standard shipping costs $5.95."),
+    ]
+    [pair] = exported["dpo"]
+    assert pair["chosen"][0]["content"] == "Tents used outdoors cannot be returned, sorry."
+    assert pair["rejected"][0]["content"] == "Yes, any tent can be returned."
+    assert pair["prompt"][-1]["role"] == "user" and "[phone]" in pair["prompt"][-1]["content"]
+
+
+@pytest.mark.parametrize("method", ["kto", "dpo"])
+async def test_kto_and_dpo_train_a_step_on_exported_data(
+    redis: Any, settings: Any, tokenizer: Any, tmp_path: Path, method: str
+) -> None:
+    import asyncio
+
+    from transformers import AutoModelForCausalLM
+
+    from core.training.export import export
+    from core.training.preference import train_preference
+
+    seeded = await seed_service_data(redis, settings)
+    exported = await export(redis, seeded["keys"], seeded["store"], method)  # type: ignore[arg-type]
+    out = tmp_path / method
+    options = TrainOptions(out=out, learning_rate=1e-3, batch_size=2, max_steps=2)
+    model = tiny_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = await asyncio.to_thread(
+        train_preference, method, model, tokenizer, exported, PERSONA, options
+    )
+    assert result.steps == 2 and not math.isnan(result.first_loss)
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, "no weight moved"
+
+
+def test_kto_needs_both_kinds_of_rating() -> None:
+    from core.training.preference import check_rows
+
+    row = {"prompt": [{"role": "user", "content": "q"}], "completion": [], "label": True}
+    with pytest.raises(DataError, match="needs both"):
+        check_rows("kto", [row, row], "x.jsonl")
+    with pytest.raises(DataError, match="entry 1: missing chosen, rejected"):
+        check_rows("dpo", [{"prompt": []}], "x.jsonl")

@@ -76,47 +76,62 @@ def train_sft(
 
     if not rows:
         raise DataError("no assistant turns to learn from")
-    cuda = torch.cuda.is_available()
     dataset = Dataset.from_list(training_rows(tokenizer, rows, options.max_tokens))
     config = SFTConfig(
-        output_dir=str(options.out / "checkpoints"),
-        num_train_epochs=options.epochs,
-        max_steps=options.max_steps,
-        learning_rate=options.learning_rate,
-        per_device_train_batch_size=options.batch_size,
+        **common_args(options),
         max_length=options.max_tokens,
         packing=False,
         completion_only_loss=True,
-        gradient_checkpointing=False,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        fp16=False,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=50,
-        save_total_limit=2,
-        report_to="none",
-        seed=options.seed,
-        disable_tqdm=False,
     )
-    peft_config = None
-    if options.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=options.lora_rank,
-            lora_alpha=2 * options.lora_rank,
-            lora_dropout=0.05,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
     trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora_config(options),
     )
+    return run_trainer(trainer, tokenizer, len(rows), options)
+
+
+def common_args(options: TrainOptions) -> dict[str, Any]:
+    """Trainer arguments every method shares: CPU or CUDA, checkpoints, progress."""
+    cuda = torch.cuda.is_available()
+    return {
+        "output_dir": str(options.out / "checkpoints"),
+        "num_train_epochs": options.epochs,
+        "max_steps": options.max_steps,
+        "learning_rate": options.learning_rate,
+        "per_device_train_batch_size": options.batch_size,
+        "gradient_checkpointing": False,
+        "use_cpu": not cuda,
+        "bf16": cuda and torch.cuda.is_bf16_supported(),
+        "fp16": False,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 50,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "seed": options.seed,
+        "disable_tqdm": False,
+    }
+
+
+def lora_config(options: TrainOptions) -> Any:
+    if not options.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=options.lora_rank,
+        lora_alpha=2 * options.lora_rank,
+        lora_dropout=0.05,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_trainer(trainer: Any, tokenizer: Any, rows: int, options: TrainOptions) -> TrainResult:
+    """Train (resuming when asked and a checkpoint exists), merge a LoRA adapter, save."""
     started = time.monotonic()
     resume = options.resume and any((options.out / "checkpoints").glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
@@ -128,7 +143,7 @@ def train_sft(
     save_model(trained, tokenizer, options.out)
     result = TrainResult(
         out=options.out,
-        rows=len(rows),
+        rows=rows,
         steps=trainer.state.global_step,
         first_loss=float(losses[0]) if losses else float("nan"),
         last_loss=float(losses[-1]) if losses else float("nan"),
