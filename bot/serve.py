@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from bot.admin import ingest
 from bot.redis_session import Embedded, redis_session
 from core.errors import SettingsError
 from core.keys import Keys
-from core.redis_conn import Redis
+from core.redis_conn import Redis, with_retry
 from core.settings import Settings
 
 log = logging.getLogger("chatbot")
@@ -84,8 +85,21 @@ async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) ->
                 "CHATBOT_WATERMARK_KEY is set, but replies from CHATBOT_ENGINE_URL cannot be "
                 "watermarked (only the local engine applies the watermark)"
             )
+        loader = None
+        model = settings.model
     else:
-        engine = await open_engine(settings, progress)
+        from core.generation.transformers_engine import LocalEngines
+        from core.training.registry import ModelRegistry
+
+        # A model promoted with `chatbot model promote` comes before CHATBOT_MODEL.
+        promoted = await with_retry(
+            "reading the promoted model", ModelRegistry(redis, Keys(settings.namespace)).current
+        )
+        model = promoted.path if promoted else settings.model
+        if promoted:
+            log.info("serving the promoted model %s (promoted by %s)", model, promoted.by)
+        engine = await open_engine(dataclasses.replace(settings, model=model), progress)
+        loader = LocalEngines(settings, engine.executor, progress)
     loop = asyncio.get_running_loop()
     try:
         embedder = await loop.run_in_executor(engine.executor, load_embedder, None, engine.executor)
@@ -93,7 +107,7 @@ async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) ->
         engine.close()
         raise
     retriever = Retriever(KnowledgeBaseStore(redis, Keys(settings.namespace)), embedder)
-    worker = Worker(redis, settings, engine, retriever=retriever)
+    worker = Worker(redis, settings, engine, retriever=retriever, loader=loader, model=model)
     run = asyncio.create_task(worker.run())
     stop_wait = asyncio.create_task(stop.wait())
     try:
@@ -102,7 +116,7 @@ async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) ->
         await run  # drains the batch in hand
     finally:
         stop_wait.cancel()
-        engine.close()
+        worker.engine.close()  # the one it serves now: a promoted model may have replaced it
 
 
 async def serve_slack(settings: Settings, redis: Redis, stop: asyncio.Event, port: int) -> None:

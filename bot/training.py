@@ -194,6 +194,83 @@ async def cmd_eval(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_model_promote(settings: Settings, args: argparse.Namespace) -> int:
+    import logging
+
+    from bot.admin import admin_redis
+    from core.keys import Keys
+    from core.training.registry import ModelRegistry, new_promotion, regressions, weights_digest
+
+    candidate = args.directory.resolve()
+    if not (candidate / "config.json").is_file():
+        raise DataError(f"{args.directory}: not a model directory (no config.json)")
+    weights_digest(candidate)  # a directory without weights fails here, before evaluating
+    data = args.data or [EXAMPLE_HELD_OUT]
+    async with admin_redis(settings) as redis:
+        registry = ModelRegistry(redis, Keys(settings.namespace))
+        serving = await registry.current()
+        serving_spec = serving.path if serving else settings.model
+        print(f"evaluating the serving model ({serving_spec or 'bundled'})…", file=sys.stderr)
+        baseline = await _evaluate(settings, serving_spec, data)
+        print(f"evaluating the candidate ({candidate})…", file=sys.stderr)
+        metrics = await _evaluate(settings, str(candidate), data)
+        for name, figures in (("serving", baseline), ("candidate", metrics)):
+            print(
+                f"{name:>9}: perplexity {figures['perplexity']:.3f}, BLEU {figures['bleu']:.2f}, "
+                f"chrF {figures['chrf']:.2f}"
+            )
+        worse = regressions(metrics, baseline)
+        if worse and not args.force:
+            print("refused: the candidate is worse: " + "; ".join(worse), file=sys.stderr)
+            return 2
+        if worse:
+            logging.getLogger("chatbot").warning(
+                "promoting %s with --force although it is worse: %s", candidate, "; ".join(worse)
+            )
+        promotion = new_promotion(candidate, metrics, baseline, forced=bool(worse))
+        await registry.promote(promotion)
+    print(f"promoted {candidate}: running workers switch to it after the replies in hand")
+    return 0
+
+
+async def cmd_model_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.admin import admin_redis
+    from core.keys import Keys
+    from core.training.registry import ModelRegistry
+
+    async with admin_redis(settings) as redis:
+        now = await ModelRegistry(redis, Keys(settings.namespace)).rollback()
+    print(f"rolled back: workers now serve {now.path if now else settings.model or 'bundled'}")
+    return 0
+
+
+async def cmd_model_list(settings: Settings, args: argparse.Namespace) -> int:
+    import datetime
+
+    from bot.admin import admin_redis
+    from core.health import check_health
+    from core.keys import Keys
+    from core.training.registry import ModelRegistry
+
+    async with admin_redis(settings) as redis:
+        live, retired = await ModelRegistry(redis, Keys(settings.namespace)).history()
+        health = await check_health(redis, Keys(settings.namespace))
+    default = settings.model or "bundled SmolLM2-135M-Instruct"
+    print(f"serving: {live[0].path if live else default + ' (CHATBOT_MODEL)'}")
+    for label, promotions in (("promoted", live), ("rolled back", retired)):
+        for p in promotions:
+            when = datetime.datetime.fromtimestamp(p.at).isoformat(timespec="seconds")
+            m = p.metrics
+            print(
+                f"  {label:<11} {when} {p.path} sha256:{p.digest[:12]} by {p.by}"
+                f"{' (forced)' if p.forced else ''}: perplexity {m.get('perplexity')}, "
+                f"BLEU {m.get('bleu')}, chrF {m.get('chrf')}"
+            )
+    for worker in health.workers:
+        print(f"  worker {worker.get('consumer')}: {worker.get('model', '?')}")
+    return 0
+
+
 def add_training_commands(sub: Any) -> None:
     train = sub.add_parser("train", help="fine-tune the chat model").add_subparsers(
         dest="train_command", required=True, metavar="METHOD"
@@ -227,6 +304,24 @@ def add_training_commands(sub: Any) -> None:
     exporting.add_argument("--kind", choices=["sft", "kto", "dpo"], required=True)
     exporting.add_argument("--out", type=Path, default=None, metavar="FILE")
     exporting.set_defaults(handler=cmd_data_export)
+
+    model = sub.add_parser("model", help="which model the workers serve").add_subparsers(
+        dest="model_command", required=True, metavar="ACTION"
+    )
+    help_text = "the promoted models, the one served, and what each worker serves"
+    model.add_parser("list", help=help_text, description=help_text).set_defaults(
+        handler=cmd_model_list
+    )
+    help_text = "evaluate DIR against the serving model; serve it unless it is worse"
+    promote = model.add_parser("promote", help=help_text, description=help_text)
+    promote.add_argument("directory", type=Path, metavar="DIR")
+    promote.add_argument("--data", type=Path, nargs="+", default=None, metavar="FILE")
+    promote.add_argument("--force", action="store_true", help="promote even if it is worse")
+    promote.set_defaults(handler=cmd_model_promote)
+    help_text = "serve the model promoted before the current one (or CHATBOT_MODEL)"
+    model.add_parser("rollback", help=help_text, description=help_text).set_defaults(
+        handler=cmd_model_rollback
+    )
 
     help_text = "perplexity on assistant turns, BLEU and chrF of generated replies"
     ev = sub.add_parser("eval", help=help_text, description=help_text)

@@ -47,6 +47,16 @@ class Keys:
         """Stream of jobs that failed `max_deliveries` times."""
         return f"{self.namespace}:jobs:dead"
 
+    @property
+    def models(self) -> str:
+        """List of JSON promotion records, the model workers serve first (`chatbot model`)."""
+        return f"{self.namespace}:{{models}}"
+
+    @property
+    def models_retired(self) -> str:
+        """Promotions rolled back, newest first (same slot as `models`: moved atomically)."""
+        return f"{self.namespace}:{{models}}:retired"
+
     def worker(self, consumer: str) -> str:
         """A worker's liveness record (JSON), expiring unless its heartbeat renews it."""
         return f"{self.namespace}:workers:{consumer}"

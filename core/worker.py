@@ -28,6 +28,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Protocol
 
 from redis.exceptions import ResponseError
 
@@ -60,11 +61,25 @@ from core.support.forget import ForgetRequests
 from core.support.handoff import Handoffs, hand_over
 from core.support.privacy import UserData
 from core.support.workspaces import Workspaces
+from core.training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 STEP_FAILURE_PAUSE_S = 1.0
+MODEL_CHECK_S = 5.0  # how often a worker looks for a newly promoted model
 HANDOFF_CHECK_S = 1.0  # how often a reply being generated checks for a person taking over
+
+
+class EngineLoader(Protocol):
+    """How a worker swaps its model for a promoted one (`core.training.registry`)."""
+
+    async def load(self, model: str) -> Engine:
+        """An engine for `model` (CHATBOT_MODEL syntax); raises ModelLoadError."""
+        ...
+
+    def retire(self, engine: Engine) -> None:
+        """Free the engine that was replaced."""
+        ...
 
 
 @dataclass
@@ -97,9 +112,17 @@ class Worker:
         engine: Engine,
         consumer: str | None = None,
         retriever: Retriever | None = None,
+        loader: EngineLoader | None = None,
+        model: str = "",
     ) -> None:
         self.settings = settings
         self.engine = engine
+        # The model `engine` serves; with a loader, a promoted one replaces it between batches.
+        self.model = model
+        self.loader = loader
+        self.models = ModelRegistry(redis, Keys(settings.namespace))
+        self._next_model_check_s = 0.0
+        self._unloadable: str | None = None
         keys = Keys(settings.namespace)
         self.store = ConversationStore.from_settings(redis, settings)
         self.queue = JobQueue(redis, keys, consumer or consumer_name())
@@ -126,6 +149,7 @@ class Worker:
                 "replies_published": self.delivery.replies_published,
                 "in_flight": len(self._in_flight),
                 "watermark": watermark_status(settings),
+                "model": self.model or "bundled",
             },
         )
 
@@ -146,6 +170,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 try:
+                    await self.follow_promotions()
                     await self.step(wait=False)
                     backoff.succeeded()
                 except TRANSIENT_ERRORS as exc:
@@ -186,6 +211,34 @@ class Worker:
         if wait and tasks:
             await asyncio.wait(tasks)
         return len(jobs)
+
+    async def follow_promotions(self, *, now: bool = False) -> bool:
+        """Serve the promoted model if it changed: finish the replies in hand (the jobs
+        not yet taken wait in the stream), load it, swap. True when the model changed."""
+        if self.loader is None or (not now and time.monotonic() < self._next_model_check_s):
+            return False
+        self._next_model_check_s = time.monotonic() + MODEL_CHECK_S
+        promoted = await self.models.current()
+        wanted = promoted.path if promoted else self.settings.model
+        if wanted == self.model or wanted == self._unloadable:
+            return False
+        log.info("model %s is promoted: finishing the replies in hand first", wanted or "bundled")
+        await self.drain()
+        try:
+            engine = await self.loader.load(wanted)
+        except Exception:
+            log.exception(
+                "could not load the promoted model %s; serving %s still", wanted, self.model
+            )
+            self._unloadable = wanted
+            return False
+        old, self.engine, self.model = self.engine, engine, wanted
+        self.loader.retire(old)
+        self._unloadable = None
+        log.info("now serving %s", wanted or "the bundled model")
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self.liveness.announce()
+        return True
 
     async def drain(self) -> None:
         """Wait for the replies being generated (on shutdown)."""

@@ -183,6 +183,7 @@ def test_a_few_sft_steps_lower_the_loss_and_write_a_loadable_model(
     assert not math.isnan(result.first_loss)
 
 
+@pytest.mark.slow
 def test_eval_and_train_commands(tokenizer: Any, tmp_path: Path) -> None:
     """`chatbot eval --json` writes DESIGN.md's keys; `train` refuses to overwrite."""
     model_dir = tmp_path / "tiny"
@@ -343,3 +344,117 @@ def test_kto_needs_both_kinds_of_rating() -> None:
         check_rows("kto", [row, row], "x.jsonl")
     with pytest.raises(DataError, match="entry 1: missing chosen, rejected"):
         check_rows("dpo", [{"prompt": []}], "x.jsonl")
+
+
+# -- promotion, hot swap, rollback ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_promote_refuses_a_worse_model_accepts_a_better_one_and_rolls_back(
+    tokenizer: Any, tmp_path: Path, redis_server: Any, namespace: str
+) -> None:
+    data = write_jsonl(tmp_path / "held-out.jsonl", DIALOGUES)
+    serving, better, worse = tmp_path / "serving", tmp_path / "better", tmp_path / "worse"
+    save_model(tiny_model(tokenizer), tokenizer, serving)
+    train = rows([parse_dialogue(e, "x") for e in DIALOGUES], PERSONA)
+    # Trained until it says the reference replies: better on every metric.
+    train_sft(
+        tiny_model(tokenizer),
+        tokenizer,
+        train,
+        TrainOptions(out=better, learning_rate=1e-2, batch_size=5, max_steps=100),
+    )
+    peaked = tiny_model(tokenizer, seed=1)
+    with torch.no_grad():
+        peaked.lm_head.weight.mul_(300.0)  # confidently wrong: a much higher perplexity
+    save_model(peaked, tokenizer, worse)
+    env = chatbot_env(
+        REDIS_URL=redis_server.url,
+        CHATBOT_NAMESPACE=namespace,
+        CHATBOT_MODEL=str(serving),
+        CHATBOT_CACHE_DIR=str(CACHE_DIR),
+        CHATBOT_MAX_NEW_TOKENS="8",
+        CHATBOT_DTYPE="float32",
+        CHATBOT_PERSONA=PERSONA,
+    )
+
+    def run(*args: str) -> tuple[int, str, str]:
+        proc = chatbot(["model", *args], env, tmp_path)
+        out, err = proc.communicate(timeout=300)
+        return proc.returncode, out, err
+
+    code, out, err = run("promote", str(worse), "--data", str(data))
+    assert code == 2 and "refused: the candidate is worse: perplexity" in err, err
+    assert "candidate: perplexity" in out and "serving: perplexity" in out
+    code, out, err = run("promote", str(better), "--data", str(data))
+    assert code == 0, err
+    code, out, _ = run("list")
+    assert out.startswith(f"serving: {better}") and "promoted" in out
+    code, out, err = run("promote", str(worse), "--data", str(data), "--force")
+    assert code == 0 and "with --force" in err
+    code, out, _ = run("rollback")
+    assert code == 0 and f"workers now serve {better}" in out
+    code, out, _ = run("rollback")
+    assert code == 0 and f"workers now serve {serving}" in out
+    code, _, err = run("rollback")
+    assert code == 2 and "nothing to roll back" in err
+    code, out, _ = run("list")
+    assert "(CHATBOT_MODEL)" in out and out.count("rolled back") == 2 and "(forced)" in out
+
+
+class TinyLoader:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.retired: list[Any] = []
+
+    async def load(self, model: str) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        from core.generation.transformers_engine import TransformersEngine
+
+        loaded = AutoModelForCausalLM.from_pretrained(model).eval()
+        return TransformersEngine(loaded, self.tokenizer, context_tokens=512, max_batch_size=8)
+
+    def retire(self, engine: Any) -> None:
+        self.retired.append(engine)
+        engine.close()
+
+
+async def test_a_worker_switches_to_a_promoted_model_between_batches_losing_no_job(
+    redis: Any, make_settings: Any, tokenizer: Any, tmp_path: Path
+) -> None:
+    from core.conversation import ConversationKey
+    from core.keys import Keys
+    from core.training.registry import ModelRegistry, new_promotion
+    from core.worker import Worker
+    from tests.helpers import outbox, submit
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    save_model(tiny_model(tokenizer, seed=0), tokenizer, first)
+    save_model(tiny_model(tokenizer, seed=5), tokenizer, second)
+    settings = make_settings(CHATBOT_MODEL=str(first))
+    loader = TinyLoader(tokenizer)
+    worker = Worker(redis, settings, await loader.load(str(first)), loader=loader, model=str(first))
+    original = worker.engine
+    await worker.queue.ensure_group()
+    convs = [ConversationKey("test", "w", f"c{i}", "") for i in range(6)]
+    for i, conv in enumerate(convs[:3]):
+        await submit(redis, settings, conv, f"question {i}", f"m{i}")
+    assert await worker.step(wait=False) == 3  # three replies in the making
+    await ModelRegistry(redis, Keys(settings.namespace)).promote(
+        new_promotion(second, {"perplexity": 1.0}, {}, forced=False)
+    )
+    for i, conv in enumerate(convs[3:], start=3):  # arrive while the switch waits
+        await submit(redis, settings, conv, f"question {i}", f"m{i}")
+    assert await worker.follow_promotions(now=True)
+    assert len(await outbox(redis, settings)) == 3  # the batch in hand finished first
+    assert worker.model == str(second) and worker.engine is not original
+    assert loader.retired == [original]
+    while await worker.step() > 0:
+        pass
+    replies = await outbox(redis, settings)
+    assert sorted(r.conversation.channel for r in replies) == [f"c{i}" for i in range(6)]
+    assert not await worker.follow_promotions(now=True)  # nothing new
+    info = await redis.xpending(Keys(settings.namespace).jobs, "workers")
+    assert int(info["pending"]) == 0
+    worker.engine.close()

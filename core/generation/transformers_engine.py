@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import uuid
@@ -263,12 +264,17 @@ class TransformersEngine:
         else:
             yield
 
-    def close(self) -> None:
-        """Release the model; the engine thread ends once its last call returns."""
+    def release(self) -> None:
+        """Free the model but keep the engine thread (a promoted model's engine uses it)."""
         self.model = None
-        self.executor.shutdown(wait=False)
+        self.batcher.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Release the model; the engine thread ends once its last call returns."""
+        self.release()
+        self.executor.shutdown(wait=False)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
@@ -296,6 +302,25 @@ def load_engine(
         executor=executor,
         watermark=Watermark(settings.watermark_key) if settings.watermark_key else None,
     )
+
+
+class LocalEngines:
+    """The worker's `EngineLoader` for local models: every engine on the one engine thread."""
+
+    def __init__(self, settings: Settings, executor: Executor, progress: Progress) -> None:
+        self.settings = settings
+        self.executor = executor
+        self.progress = progress
+
+    async def load(self, model: str) -> TransformersEngine:
+        settings = dataclasses.replace(self.settings, model=model)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, load_engine, settings, self.progress, self.executor
+        )
+
+    def retire(self, engine: Any) -> None:
+        engine.release()
 
 
 async def open_engine(settings: Settings, progress: Progress) -> TransformersEngine:
