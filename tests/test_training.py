@@ -458,3 +458,21 @@ async def test_a_worker_switches_to_a_promoted_model_between_batches_losing_no_j
     info = await redis.xpending(Keys(settings.namespace).jobs, "workers")
     assert int(info["pending"]) == 0
     worker.engine.close()
+
+
+def test_training_resumes_from_its_last_checkpoint(tokenizer: Any, tmp_path: Path) -> None:
+    train = rows([parse_dialogue(e, "x") for e in DIALOGUES], PERSONA)
+    out = tmp_path / "model"
+    first = train_sft(
+        tiny_model(tokenizer), tokenizer, train, TrainOptions(out=out, batch_size=5, max_steps=3)
+    )
+    assert first.steps == 3 and list((out / "checkpoints").glob("checkpoint-3"))
+    resumed = train_sft(
+        tiny_model(tokenizer, seed=9),
+        tokenizer,
+        train,
+        TrainOptions(out=out, batch_size=5, max_steps=5, resume=True),
+    )
+    # Continued at step 3 (not from scratch), with the checkpoint's weights.
+    assert resumed.resumed_from_step == 3 and resumed.steps == 5
+    assert json.loads((out / "training.json").read_text())["resumed_from_step"] == 3

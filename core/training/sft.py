@@ -52,6 +52,7 @@ class TrainResult:
     first_loss: float
     last_loss: float
     seconds: float
+    resumed_from_step: int = 0  # 0: trained from the start
 
 
 def training_rows(tokenizer: Any, rows: Sequence[Row], max_tokens: int) -> list[dict[str, Any]]:
@@ -133,8 +134,13 @@ def lora_config(options: TrainOptions) -> Any:
 def run_trainer(trainer: Any, tokenizer: Any, rows: int, options: TrainOptions) -> TrainResult:
     """Train (resuming when asked and a checkpoint exists), merge a LoRA adapter, save."""
     started = time.monotonic()
-    resume = options.resume and any((options.out / "checkpoints").glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    checkpoints = [
+        int(p.name.rsplit("-", 1)[1])
+        for p in (options.out / "checkpoints").glob("checkpoint-*")
+        if p.name.rsplit("-", 1)[1].isdigit()
+    ]
+    resumed_from = max(checkpoints) if options.resume and checkpoints else 0
+    trainer.train(resume_from_checkpoint=True if resumed_from else None)
     seconds = time.monotonic() - started
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trained: Any = trainer.model
@@ -148,6 +154,7 @@ def run_trainer(trainer: Any, tokenizer: Any, rows: int, options: TrainOptions) 
         first_loss=float(losses[0]) if losses else float("nan"),
         last_loss=float(losses[-1]) if losses else float("nan"),
         seconds=round(seconds, 1),
+        resumed_from_step=resumed_from,
     )
     (options.out / "training.json").write_text(
         json.dumps({**result.__dict__, "out": str(result.out), "lora": options.lora}, indent=2)
