@@ -9,9 +9,12 @@ green tokens than chance allows; the detector counts them and reports a z-score:
     z = (green - GAMMA * T) / sqrt(T * GAMMA * (1 - GAMMA))
 
 over the T token pairs scored. Without a watermark each token is green with probability
-GAMMA whatever the text, so z >= Z_THRESHOLD (4) happens to about 3 in 100,000 texts (the
-one-sided normal tail; repeated pairs are scored once, so that a phrase said ten times is
-not ten pieces of evidence).
+GAMMA whatever the text, so the count of green tokens is binomial; the verdict is
+"watermarked" when its exact one-sided tail probability is at most P_THRESHOLD, the
+normal tail at z = 4 (about 3 in 100,000). The exact tail matters for replies: at 12 to 40
+tokens the normal approximation puts the rate of z >= 4 several times too low (measured
+in bench/watermark.py). Repeated pairs are scored once, so that a phrase said ten times is
+not ten pieces of evidence.
 
 Green lists come from the key, not from a public constant: a token is green after `prev`
 when a 64-bit mix of HMAC-SHA256(key, prev) and the token falls below GAMMA * 2**64. It is
@@ -43,8 +46,12 @@ import numpy.typing as npt
 # see the README's "Watermark" section for the table behind these figures.
 GAMMA = 0.25  # share of the vocabulary that is green after each token
 DELTA = 2.0  # added to the logits of green tokens
-Z_THRESHOLD = 4.0  # one-sided false-positive rate about 3e-5 under the null hypothesis
-MIN_TOKENS = 16  # scored pairs below which the verdict is "too_short"
+Z_THRESHOLD = 4.0  # reported; the verdict uses the exact tail at the same level:
+P_THRESHOLD = 0.5 * math.erfc(Z_THRESHOLD / math.sqrt(2.0))  # 3.17e-5
+# Scored pairs below which the verdict is "too_short": from 32 the detector finds this
+# model's watermark in about half of the replies, and in 96 % from 64 (bench/watermark.py).
+MIN_TOKENS = 32
+EXACT_MAX_TOKENS = 5000  # above this the normal approximation is exact enough
 
 Verdict = Literal["watermarked", "not_watermarked", "too_short"]
 
@@ -61,11 +68,7 @@ class Score:
     z_score: float
     tokens_scored: int
     green_tokens: int
-
-    @property
-    def p_value(self) -> float:
-        """One-sided: the chance of a z this high in text without the watermark."""
-        return 0.5 * math.erfc(self.z_score / math.sqrt(2.0))
+    p_value: float  # one-sided: the chance of this many green tokens without the watermark
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -77,6 +80,7 @@ class Score:
             if self.tokens_scored
             else 0.0,
             "p_value": float(f"{self.p_value:.3g}"),
+            "p_threshold": float(f"{P_THRESHOLD:.3g}"),
             "z_threshold": Z_THRESHOLD,
             "min_tokens": MIN_TOKENS,
         }
@@ -133,16 +137,37 @@ class Watermark:
                 green += self.is_green(prev, token)
         scored = len(seen)
         if scored == 0:
-            return Score("too_short", 0.0, 0, 0)
+            return Score("too_short", 0.0, 0, 0, 1.0)
         expected = self.gamma * scored
         z = (green - expected) / math.sqrt(scored * self.gamma * (1.0 - self.gamma))
+        p = binomial_tail(green, scored, self.gamma)
         if scored < MIN_TOKENS:
             verdict: Verdict = "too_short"
-        elif z >= Z_THRESHOLD:
+        elif p <= P_THRESHOLD:
             verdict = "watermarked"
         else:
             verdict = "not_watermarked"
-        return Score(verdict, z, scored, green)
+        return Score(verdict, z, scored, green, p)
+
+
+def binomial_tail(successes: int, trials: int, p: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, p); the normal tail for long texts."""
+    if successes <= 0:
+        return 1.0
+    if trials > EXACT_MAX_TOKENS:
+        z = (successes - p * trials) / math.sqrt(trials * p * (1.0 - p))
+        return 0.5 * math.erfc(z / math.sqrt(2.0))
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = [
+        math.lgamma(trials + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(trials - k + 1)
+        + k * log_p
+        + (trials - k) * log_q
+        for k in range(successes, trials + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
 def _mix(x: int) -> int:

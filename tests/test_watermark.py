@@ -96,8 +96,34 @@ def test_z_score_of_known_cases() -> None:
     # Random token sequences stay near z = 0.
     zs = [mark.score([[rng.randrange(49152) for _ in range(100)]]).z_score for _ in range(200)]
     assert abs(sum(zs) / len(zs)) < 0.3 and max(zs) < 4.0
+    assert score.p_value == pytest.approx(GAMMA**64)
     assert mark.score([chain[:MIN_TOKENS]]).verdict == "too_short"
     assert mark.score([]).verdict == "too_short"
+
+
+def test_the_verdict_uses_the_exact_tail_not_the_normal_one() -> None:
+    """21 green of 40 is z = 4.02, but the binomial tail is 1.7e-4: five times the rate a
+    z >= 4 promises. The verdict must not flag it; 25 of 40 it must."""
+    mark = Watermark(KEY)
+    rng = random.Random(2)
+
+    def chain(greens: int, length: int) -> list[int]:
+        ids = [rng.randrange(49152)]
+        for step in range(length):
+            green = set(mark.green_ids(ids[-1], 49152).tolist())
+            while True:
+                token = rng.randrange(49152)
+                if (token in green) == (step < greens):
+                    break
+            ids.append(token)
+        return ids
+
+    borderline = mark.score([chain(21, 40)])
+    assert borderline.tokens_scored == 40 and borderline.green_tokens == 21
+    assert borderline.z_score >= 4.0 and borderline.p_value > 1e-4
+    assert borderline.verdict == "not_watermarked"
+    clear = mark.score([chain(25, 40)])
+    assert clear.p_value < 3.2e-5 and clear.verdict == "watermarked"
 
 
 # -- generation on every path -------------------------------------------------------------
