@@ -61,19 +61,34 @@ def _read_text(args: argparse.Namespace) -> str:
 
 
 async def _reply_spans(settings: Settings, reply_id: str) -> list[str]:
+    """The generated parts of a stored reply: the spans its record names, in its text as
+    the conversation's history keeps it."""
     from bot.admin import admin_redis
+    from core.conversation import ReplyId
+    from core.store import ConversationStore
     from core.support.feedback import Feedback
 
     async with admin_redis(settings) as redis:
         record = await Feedback(redis, Keys(settings.namespace), settings.history_ttl_s).record(
             reply_id
         )
-    if record is None:
+        if record is None:
+            raise DetectInputError(
+                f"no stored reply {reply_id!r} (reply ids look like platform:workspace:"
+                "channel:thread:number; records expire with their conversation)"
+            )
+        spans = record.get("generated", [])
+        if not spans:
+            return []
+        conversation = ReplyId.parse(reply_id).conversation
+        history = await ConversationStore.from_settings(redis, settings).history(conversation)
+    text = next((m.text for m in history if m.message_id == reply_id), None)
+    if text is None:
         raise DetectInputError(
-            f"no stored reply {reply_id!r} (reply ids look like "
-            "platform:workspace:channel:thread:number; records expire with their conversation)"
+            f"the text of reply {reply_id!r} is no longer stored (the conversation keeps its "
+            f"newest {settings.history_max_messages} messages)"
         )
-    return [str(span) for span in record.get("generated", [])]
+    return [text[int(start) : int(end)] for start, end in spans]
 
 
 def _tokenizer(settings: Settings) -> Any:

@@ -59,9 +59,10 @@ class Feedback:
             "at": time.time(),
         }
         if reply.meta.get("generated"):
-            # The model's own words, for `chatbot watermark detect --reply`: quoted passages
-            # and fixed frames are not the model's and are not scored.
-            record["generated"] = [reply.text[start:end] for start, end in reply.meta["generated"]]
+            # Where the model's own words are in the reply's text (the history holds the
+            # text, scrubbed there when a user is forgotten), for `chatbot watermark detect
+            # --reply`: quoted passages and fixed frames are not the model's.
+            record["generated"] = [[int(a), int(b)] for a, b in reply.meta["generated"]]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.keys.answers(conv), reply.reply_id, json.dumps(record))
             pipe.expire(self.keys.answers(conv), self.ttl_s)
