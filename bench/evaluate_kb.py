@@ -23,6 +23,7 @@ examples/eval.yaml) only; the held-out set (examples/ledgerly) is only ever repo
 
     .venv/bin/python bench/evaluate_kb.py            # both sets, figures to bench/results/
     .venv/bin/python bench/evaluate_kb.py --kb DIR --questions FILE --output FILE  # your own
+    .venv/bin/python bench/evaluate_kb.py --model models/harbor-sft --output FILE  # a model
 
 Figures go to stdout (a table) and to bench/results/kb-eval.json.
 """
@@ -196,6 +197,8 @@ async def evaluate_set(
         redis = connect(url)
         try:
             env = {"REDIS_URL": url, "CHATBOT_NAMESPACE": "eval", "CHATBOT_DATA_DIR": tmp}
+            if args.model:  # e.g. a fine-tuned model (`chatbot train sft`)
+                env["CHATBOT_MODEL"] = args.model
             settings = Settings.from_mapping(env)
             kb_store = KnowledgeBaseStore(redis, Keys(settings.namespace))
             report = await kb_store.ingest(settings.kb, kb_dir, embedder)
@@ -438,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sets", nargs="+", choices=sorted(SETS), default=list(SETS))
     parser.add_argument("--kb", type=Path, help="your own knowledge-base folder (with --questions)")
     parser.add_argument("--questions", type=Path, help="your own question file, same format")
+    parser.add_argument("--model", default="", help="the model to serve (CHATBOT_MODEL syntax)")
     parser.add_argument("--timeout-s", type=float, default=900.0)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
