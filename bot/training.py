@@ -33,12 +33,31 @@ def _serving_location(settings: Settings) -> Path:
 
 
 async def cmd_train_sft(settings: Settings, args: argparse.Namespace) -> int:
-    from core.generation.model_files import load_model
     from core.training.data import load_dialogues, rows
-    from core.training.sft import TrainOptions, train_sft
+    from core.training.sft import train_sft
 
     dialogues = load_dialogues(args.data)
     train_rows = rows(dialogues, settings.persona)
+    model, tokenizer, options = await _start_training(settings, args)
+    print(
+        f"training on {len(train_rows)} assistant turns of {len(dialogues)} dialogues",
+        file=sys.stderr,
+    )
+    result = await asyncio.to_thread(train_sft, model, tokenizer, train_rows, options)
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s "
+        f"(loss {result.first_loss:.3f} -> {result.last_loss:.3f}); "
+        f"serve it with CHATBOT_MODEL={result.out}"
+    )
+    return 0
+
+
+async def _start_training(settings: Settings, args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, TrainOptions) for a `train` command: its output checked, its
+    base model (`--base`, else CHATBOT_MODEL) loaded in float32."""
+    from core.generation.model_files import load_model
+    from core.training.sft import TrainOptions
+
     out = _checked_out(settings, args)
     base = settings.model if args.base is None else args.base
     model, tokenizer, _device = await asyncio.to_thread(
@@ -53,17 +72,7 @@ async def cmd_train_sft(settings: Settings, args: argparse.Namespace) -> int:
         resume=args.resume,
         max_steps=args.max_steps,
     )
-    print(
-        f"training on {len(train_rows)} assistant turns of {len(dialogues)} dialogues",
-        file=sys.stderr,
-    )
-    result = await asyncio.to_thread(train_sft, model, tokenizer, train_rows, options)
-    print(
-        f"trained {result.steps} steps in {result.seconds:.0f} s "
-        f"(loss {result.first_loss:.3f} -> {result.last_loss:.3f}); "
-        f"serve it with CHATBOT_MODEL={result.out}"
-    )
-    return 0
+    return model, tokenizer, options
 
 
 async def _exported(settings: Settings, kind: str) -> list[dict[str, Any]]:
@@ -104,29 +113,14 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 async def cmd_train_preference(settings: Settings, args: argparse.Namespace) -> int:
-    from core.generation.model_files import load_model
     from core.training.preference import train_preference
-    from core.training.sft import TrainOptions
 
     method = args.train_command
     if args.data:
         rows, where = _read_rows(args.data), str(args.data)
     else:
         rows, where = await _exported(settings, method), f"what Redis holds ({method})"
-    out = _checked_out(settings, args)
-    base = settings.model if args.base is None else args.base
-    model, tokenizer, _device = await asyncio.to_thread(
-        load_model, base, settings.device, "float32", settings.cache_dir, _progress
-    )
-    options = TrainOptions(
-        out=out,
-        epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        lora=args.lora,
-        resume=args.resume,
-        max_steps=args.max_steps,
-    )
+    model, tokenizer, options = await _start_training(settings, args)
     print(f"training {method.upper()} on {len(rows)} rows from {where}", file=sys.stderr)
     result = await asyncio.to_thread(
         train_preference, method, model, tokenizer, rows, settings.persona, options, where

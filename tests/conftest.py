@@ -97,25 +97,13 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(model_dir: Path) -> TransformersEngine:
-    """A random-weight two-layer Llama with the bundled model's real tokenizer: fast, and
-    the same code path as the real engine (chat template, padding, batching)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The tiny random-weight Llama (`tiny_llama`) behind the real engine."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import tiny_llama
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tokenizer).eval()
     return TransformersEngine(model, tokenizer, context_tokens=512, max_batch_size=8)
 
 

@@ -141,3 +141,24 @@ class ScriptedEngine(RecordingEngine):
 
 def echo_answer(request: GenerationRequest) -> str:
     return f"Answer to: {request.turns[-1]['content']}"
+
+
+def tiny_llama(tokenizer: Any, seed: int = 0, max_positions: int = 2048) -> Any:
+    """A random-weight two-layer Llama for `tokenizer` (the bundled model's real one): fast,
+    and the same code paths as the real model (chat template, padding, batching, training)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_positions,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)

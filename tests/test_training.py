@@ -19,6 +19,7 @@ from core.training.data import load_dialogues, parse_dialogue, rows, tokenize_ro
 from core.training.evaluate import assistant_log_loss, corpus_scores, perplexity
 from core.training.sft import TrainOptions, save_model, train_sft
 from tests.conftest import CACHE_DIR
+from tests.helpers import tiny_llama
 from tests.processes import chatbot, chatbot_env
 
 PERSONA = "You are the Harbor & Pine assistant."
@@ -38,21 +39,7 @@ DIALOGUES = [
 
 
 def tiny_model(tokenizer: Any, seed: int = 0) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(tokenizer, seed, max_positions=1024)
 
 
 @pytest.fixture(scope="module")

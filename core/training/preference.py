@@ -67,27 +67,17 @@ def train_preference(
     # model's path, which a model built in memory does not have); LoRA needs none.
     reference = None if options.lora else copy.deepcopy(model).eval()
     if method == "kto":
-        from trl.trainer.kto_config import KTOConfig
-        from trl.trainer.kto_trainer import KTOTrainer
-
-        trainer: Any = KTOTrainer(
-            model=model,
-            ref_model=reference,
-            args=KTOConfig(**args, beta=BETA, max_length=options.max_tokens),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(options),
-        )
+        from trl.trainer.kto_config import KTOConfig as Config
+        from trl.trainer.kto_trainer import KTOTrainer as Trainer
     else:
-        from trl.trainer.dpo_config import DPOConfig
-        from trl.trainer.dpo_trainer import DPOTrainer
-
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=reference,
-            args=DPOConfig(**args, beta=BETA, max_length=options.max_tokens),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(options),
-        )
+        from trl.trainer.dpo_config import DPOConfig as Config  # type: ignore[assignment]
+        from trl.trainer.dpo_trainer import DPOTrainer as Trainer  # type: ignore[assignment]
+    trainer = Trainer(
+        model=model,
+        ref_model=reference,
+        args=Config(**args, beta=BETA, max_length=options.max_tokens),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(options),
+    )
     return run_trainer(trainer, tokenizer, len(rows), options)
