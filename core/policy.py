@@ -49,7 +49,7 @@ from core.support.forget import (
     is_forget_request,
 )
 from core.support.handoff import HANDOFF_NO_CONTACT, HANDOFF_STARTED, Handoffs
-from core.support.workspaces import Workspaces
+from core.support.workspaces import WorkspaceConfig, Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ class AnswerPolicy:
     async def decide(self, conversation: ConversationKey, history: Sequence[Message]) -> Plan:
         """The plan for the newest user message of `history`, its replies disclosed as the
         workspace asks."""
-        plan = await self._decide(conversation, history)
         config = await self.workspaces.config(conversation.platform, conversation.workspace)
+        plan = await self._decide(conversation, history, config)
         if not config.disclosure:
             return plan
         if isinstance(plan, Generate):
@@ -241,7 +241,9 @@ class AnswerPolicy:
             return replace(plan, reply=disclose(plan.reply, config.disclosure))
         return plan
 
-    async def _decide(self, conversation: ConversationKey, history: Sequence[Message]) -> Plan:
+    async def _decide(
+        self, conversation: ConversationKey, history: Sequence[Message], config: WorkspaceConfig
+    ) -> Plan:
         if await self.handoffs.get(conversation) is not None:
             return StayQuiet()
         newest = next(m for m in reversed(history) if m.role is Role.USER)
@@ -250,7 +252,6 @@ class AnswerPolicy:
             newest.text
         ):
             return ForgetUser(newest.author_id)
-        config = await self.workspaces.config(conversation.platform, conversation.workspace)
         intent = detect_intent(newest.text)
         if intent is Intent.HANDOFF:
             # The release button is on the support team's alert, not here.
