@@ -209,6 +209,18 @@ def bias_cost_ms(watermark: Watermark, rows: int, vocab_size: int) -> float:
     return (time.perf_counter() - started) / 50 * 1000
 
 
+def with_watermark(plain: TransformersEngine, watermark: Watermark) -> TransformersEngine:
+    """The same model and engine thread, generating with the watermark."""
+    return TransformersEngine(
+        plain.model,
+        plain.tokenizer,
+        context_tokens=plain.context_tokens,
+        max_batch_size=plain.max_batch_size,
+        executor=plain.executor,
+        watermark=watermark,
+    )
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings.from_mapping(
         {"CHATBOT_DTYPE": args.dtype, "CHATBOT_MAX_BATCH_SIZE": str(args.max_batch)}
@@ -236,15 +248,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     print(f"off: {json.dumps({k: v for k, v in results['off'].items() if k != 'replies'})}")
     for gamma, delta in args.settings:
         watermark = Watermark(KEY, gamma=gamma, delta=delta)
-        marked_engine = TransformersEngine(
-            plain.model,
-            plain.tokenizer,
-            context_tokens=plain.context_tokens,
-            max_batch_size=args.max_batch,
-            executor=plain.executor,
-            watermark=watermark,
+        marked, tok_s = await generate(
+            with_watermark(plain, watermark), conversations, args.max_new_tokens
         )
-        marked, tok_s = await generate(marked_engine, conversations, args.max_new_tokens)
         marked_ids = [token_ids(plain, t) for t in marked]
         null_keys = [
             Watermark(f"{OTHER_KEY}-{n:02d}", gamma=gamma, delta=delta) for n in range(args.keys)
@@ -281,14 +287,7 @@ async def speed(args: argparse.Namespace) -> dict[str, Any]:
     )
     plain = load_engine(settings, lambda *_a: None)
     gamma, delta = args.settings[0]
-    marked = TransformersEngine(
-        plain.model,
-        plain.tokenizer,
-        context_tokens=plain.context_tokens,
-        max_batch_size=args.max_batch,
-        executor=plain.executor,
-        watermark=Watermark(KEY, gamma=gamma, delta=delta),
-    )
+    marked = with_watermark(plain, Watermark(KEY, gamma=gamma, delta=delta))
     conversations = prompts(args.replies)
     await generate(plain, conversations[:4], 8)  # warm-up
     rounds: dict[str, list[float]] = {"off": [], "on": []}
