@@ -55,6 +55,24 @@ class Delivery:
         await with_retry("confirming a reply", lambda: self.store.clear_pending(reply))
         self.replies_published += 1
 
+    async def failed(self, jobs: list[Job], error: str, max_deliveries: int) -> None:
+        """Jobs whose reply could not be made: retried (left pending, claimed again after
+        `reclaim_idle_s`) until one reached `max_deliveries`, then dead-lettered with an
+        apology. The caller holds the conversation's lock."""
+        for job in jobs:
+            log.error(
+                "job %s of %s failed (delivery %d of %d): %s",
+                job.entry_id,
+                job.conversation.id,
+                job.deliveries,
+                max_deliveries,
+                error,
+            )
+        if max(j.deliveries for j in jobs) >= max_deliveries:
+            newest = max(jobs, key=lambda j: j.seq)
+            await self.queue.ack([j.entry_id for j in jobs if j is not newest])
+            await self.dead_letter(newest, error)
+
     async def dead_letter(self, job: Job, reason: str) -> None:
         """Apologise to the user (once) and move the job to the dead letters. The caller
         holds the conversation's lock."""

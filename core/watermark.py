@@ -37,10 +37,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 # Chosen with bench/watermark.py on the bundled SmolLM2 (greedy, repetition penalty 1.1):
 # see the README's "Watermark" section for the table behind these figures.
@@ -168,6 +171,15 @@ def binomial_tail(successes: int, trials: int, p: float) -> float:
     ]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def watermark_status(settings: Settings) -> str:
+    """What `chatbot health` says of the watermark on a worker's replies."""
+    if not settings.watermark_key:
+        return "off"
+    if settings.engine_url:
+        return "unavailable: replies come from CHATBOT_ENGINE_URL, which we cannot watermark"
+    return "on"
 
 
 def _mix(x: int) -> int:

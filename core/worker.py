@@ -28,10 +28,10 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Protocol
 
 from redis.exceptions import ResponseError
 
+from core.answering import generate_unless_handed_off
 from core.collecting import Collector
 from core.conversation import ConversationKey, Message, ReplyId, Role
 from core.delivery import Delivery, reply_to
@@ -41,45 +41,26 @@ from core.jobs import Job, JobQueue, Outbox, consumer_name
 from core.keys import Keys
 from core.knowledge.retrieval import Retriever
 from core.liveness import Liveness
+from core.plans import PlanRunner
 from core.policy import (
     AnswerPolicy,
-    ConfirmForget,
     Draft,
-    ForgetUser,
     Generate,
-    Plan,
-    PostText,
-    StartHandoff,
-    StayQuiet,
 )
+from core.promotions import EngineLoader, PromotedModels
 from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis, with_retry
 from core.settings import Settings
 from core.store import ConversationLock, ConversationStore
 from core.streaming import ReplyPublisher
 from core.support.feedback import Feedback
 from core.support.forget import ForgetRequests
-from core.support.handoff import Handoffs, hand_over
-from core.support.privacy import UserData
+from core.support.handoff import Handoffs
 from core.support.workspaces import Workspaces
-from core.training.registry import ModelRegistry
+from core.watermark import watermark_status
 
 log = logging.getLogger(__name__)
 
 STEP_FAILURE_PAUSE_S = 1.0
-MODEL_CHECK_S = 5.0  # how often a worker looks for a newly promoted model
-HANDOFF_CHECK_S = 1.0  # how often a reply being generated checks for a person taking over
-
-
-class EngineLoader(Protocol):
-    """How a worker swaps its model for a promoted one (`core.training.registry`)."""
-
-    async def load(self, model: str) -> Engine:
-        """An engine for `model` (CHATBOT_MODEL syntax); raises ModelLoadError."""
-        ...
-
-    def retire(self, engine: Engine) -> None:
-        """Free the engine that was replaced."""
-        ...
 
 
 @dataclass
@@ -95,15 +76,6 @@ class Prepared:
     plan: Generate
 
 
-def watermark_status(settings: Settings) -> str:
-    """What `chatbot health` says of the watermark on this worker's replies."""
-    if not settings.watermark_key:
-        return "off"
-    if settings.engine_url:
-        return "unavailable: replies come from CHATBOT_ENGINE_URL, which we cannot watermark"
-    return "on"
-
-
 class Worker:
     def __init__(
         self,
@@ -117,24 +89,29 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.engine = engine
-        # The model `engine` serves; with a loader, a promoted one replaces it between batches.
-        self.model = model
-        self.loader = loader
-        self.models = ModelRegistry(redis, Keys(settings.namespace))
-        self._next_model_check_s = 0.0
-        self._unloadable: str | None = None
+        # With a loader, a promoted model replaces `model` (the one `engine` serves).
+        self.promotions = PromotedModels(redis, settings, loader, model)
         keys = Keys(settings.namespace)
         self.store = ConversationStore.from_settings(redis, settings)
         self.queue = JobQueue(redis, keys, consumer or consumer_name())
         self.outbox = Outbox(redis, keys)
         self.handoffs = Handoffs(redis, keys, settings.history_ttl_s)
         self.feedback = Feedback(redis, keys, settings.history_ttl_s)
-        self.user_data = UserData(redis, keys, settings.history_ttl_s)
         self.delivery = Delivery(self.store, self.queue, self.outbox, self.feedback)
         workspaces = Workspaces(redis, keys, settings)
         self.forget_requests = ForgetRequests(redis, keys)
         self.policy = AnswerPolicy(
             settings, workspaces, self.handoffs, self.forget_requests, retriever
+        )
+        self.plans = PlanRunner(
+            redis,
+            settings,
+            self.store,
+            self.queue,
+            self.outbox,
+            self.delivery,
+            self.handoffs,
+            self.forget_requests,
         )
         self.stopping = asyncio.Event()
         self.collector = Collector(self.queue, settings, self._give_up)
@@ -149,9 +126,14 @@ class Worker:
                 "replies_published": self.delivery.replies_published,
                 "in_flight": len(self._in_flight),
                 "watermark": watermark_status(settings),
-                "model": self.model or "bundled",
+                "model": self.promotions.model or "bundled",
             },
         )
+
+    @property
+    def model(self) -> str:
+        """The model this worker serves (CHATBOT_MODEL syntax; "" is the bundled one)."""
+        return self.promotions.model
 
     @property
     def consumer(self) -> str:
@@ -215,26 +197,16 @@ class Worker:
     async def follow_promotions(self, *, now: bool = False) -> bool:
         """Serve the promoted model if it changed: finish the replies in hand (the jobs
         not yet taken wait in the stream), load it, swap. True when the model changed."""
-        if self.loader is None or (not now and time.monotonic() < self._next_model_check_s):
-            return False
-        self._next_model_check_s = time.monotonic() + MODEL_CHECK_S
-        promoted = await self.models.current()
-        wanted = promoted.path if promoted else self.settings.model
-        if wanted == self.model or wanted == self._unloadable:
+        wanted = await self.promotions.due(now=now)
+        if wanted is None:
             return False
         log.info("model %s is promoted: finishing the replies in hand first", wanted or "bundled")
         await self.drain()
-        try:
-            engine = await self.loader.load(wanted)
-        except Exception:
-            log.exception(
-                "could not load the promoted model %s; serving %s still", wanted, self.model
-            )
-            self._unloadable = wanted
+        engine = await self.promotions.load(wanted)
+        if engine is None:
             return False
-        old, self.engine, self.model = self.engine, engine, wanted
-        self.loader.retire(old)
-        self._unloadable = None
+        old, self.engine = self.engine, engine
+        self.promotions.retire(old)
         log.info("now serving %s", wanted or "the bundled model")
         with contextlib.suppress(*TRANSIENT_ERRORS):
             await self.liveness.announce()
@@ -245,8 +217,6 @@ class Worker:
         if self._answering:
             log.info("finishing %d replies before stopping", len(self._answering))
             await asyncio.wait(set(self._answering))
-
-    # -- collecting -------------------------------------------------------------------
 
     # -- preparing: lock, settle what is done, ask the policy ---------------------------
 
@@ -291,7 +261,7 @@ class Worker:
             newest = next(m for m in reversed(history) if m.role is Role.USER)
             plan = await self.policy.decide(conversation, history)
             if not isinstance(plan, Generate):
-                await self._carry_out(plan, conversation, waiting, newest)
+                await self.plans.carry_out(plan, conversation, waiting, newest)
                 return None
             turns = build_prompt(plan.system, history, self.engine, plan.max_new_tokens)
             request = GenerationRequest(
@@ -340,44 +310,6 @@ class Worker:
             )
             await self.queue.ack([j.entry_id for j in done])
 
-    # -- plans that need no model -----------------------------------------------------
-
-    async def _carry_out(
-        self, plan: Plan, conversation: ConversationKey, jobs: list[Job], newest: Message
-    ) -> None:
-        entry_ids = [j.entry_id for j in jobs]
-        if isinstance(plan, StayQuiet):  # a person has the conversation: record only
-            await self.store.mark_answered(conversation, newest.seq)
-            await self.queue.ack(entry_ids)
-        elif isinstance(plan, ConfirmForget):
-            await self.forget_requests.ask(conversation, plan.user_id)
-            await self.delivery.commit(reply_to(newest, conversation, plan.reply), entry_ids)
-        elif isinstance(plan, ForgetUser):
-            await self.user_data.forget(
-                conversation.platform,
-                plan.user_id,
-                holding=conversation,
-                lock_wait_s=self.settings.lock_ttl_s,
-            )
-            # The conversation may be gone; nothing is committed into it again.
-            await self.store.mark_answered(conversation, newest.seq)
-            notice = Draft(plan.notice, "notice")
-            await self.delivery.deliver(reply_to(newest, conversation, notice, covers_seq=0))
-            await self.queue.ack(entry_ids)
-        elif isinstance(plan, StartHandoff):
-            await hand_over(
-                self.handoffs,
-                self.outbox,
-                conversation,
-                customer=plan.customer,
-                reason=plan.reason,
-                support_channel=plan.support_channel,
-                support_mention=plan.support_mention,
-            )
-            await self.delivery.commit(reply_to(newest, conversation, plan.reply), entry_ids)
-        elif isinstance(plan, PostText):
-            await self.delivery.commit(reply_to(newest, conversation, plan.reply), entry_ids)
-
     # -- generating and committing ----------------------------------------------------
 
     def _start(self, item: Prepared) -> asyncio.Task[None]:
@@ -398,7 +330,9 @@ class Worker:
             )
         started = time.monotonic()
         try:
-            generation = await self._generate_unless_handed_off(item, publisher)
+            generation = await generate_unless_handed_off(
+                self.engine, self.handoffs, item.conversation, item.request, publisher
+            )
             if generation is None:  # a person took over: nothing more from the bot
                 await self.store.mark_answered(item.conversation, item.newest.seq)
                 await self.queue.ack([j.entry_id for j in item.jobs])
@@ -429,50 +363,12 @@ class Worker:
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 await self.liveness.announce()
 
-    async def _generate_unless_handed_off(
-        self, item: Prepared, publisher: ReplyPublisher | None
-    ) -> Generation | None:
-        """The generation, stopped (its place in the batch freed) if a person takes the
-        conversation over meanwhile: then what was already shown becomes the reply (the
-        user saw it), or None when nothing was."""
-        generating = asyncio.create_task(self._generate(item.request, publisher))
-        watching = asyncio.create_task(self._wait_for_handoff(item.conversation))
-        try:
-            await asyncio.wait({generating, watching}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watching.cancel()
-        if generating.done():
-            return generating.result()
-        generating.cancel()
-        log.info("%s was handed to a person: generation stopped", item.request.request_id)
-        if publisher is None or not publisher.opened:
-            return None
-        return Generation(item.request.request_id, publisher.shown, "stop")
-
-    async def _wait_for_handoff(self, conversation: ConversationKey) -> None:
-        while True:
-            await asyncio.sleep(HANDOFF_CHECK_S)
-            with contextlib.suppress(*TRANSIENT_ERRORS):
-                if await self.handoffs.get(conversation) is not None:
-                    return
-
-    async def _generate(
-        self, request: GenerationRequest, publisher: ReplyPublisher | None
-    ) -> Generation:
-        """The generation of `request`; a failure comes back as finish_reason "error"."""
-        try:
-            if publisher is None:
-                [generation] = await self.engine.generate([request])
-                return generation
-            return await self.engine.stream(request, publisher.on_text)
-        except Exception as exc:
-            log.exception("generation of %s failed", request.request_id)
-            return Generation(request.request_id, "", "error", error=repr(exc))
-
     async def _finish(self, item: Prepared, generation: Generation, shown: str = "") -> None:
         async with item.release:
             if generation.finish_reason == "error":
-                await self._failed(item, generation.error)
+                await self.delivery.failed(
+                    item.jobs, generation.error, self.settings.max_deliveries
+                )
                 return
             draft = item.plan.draft(generation.text, generation.finish_reason, shown)
             reply = reply_to(item.newest, item.conversation, draft)
@@ -485,22 +381,6 @@ class Worker:
             await self.delivery.commit(reply, [j.entry_id for j in item.jobs])
 
     # -- failures ---------------------------------------------------------------------
-
-    async def _failed(self, item: Prepared, error: str) -> None:
-        for job in item.jobs:
-            log.error(
-                "job %s of %s failed (delivery %d of %d): %s",
-                job.entry_id,
-                job.conversation.id,
-                job.deliveries,
-                self.settings.max_deliveries,
-                error,
-            )
-        if max(j.deliveries for j in item.jobs) >= self.settings.max_deliveries:
-            newest = max(item.jobs, key=lambda j: j.seq)
-            await self.queue.ack([j.entry_id for j in item.jobs if j is not newest])
-            await self.delivery.dead_letter(newest, error)
-        # Otherwise the jobs stay pending; after reclaim_idle_s a worker claims them again.
 
     async def _give_up(self, job: Job, reason: str) -> None:
         """Dead-letter a job and apologise, once, under the conversation lock."""

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from core.conversation import ConversationKey, Role
+from core.errors import SettingsError
 from core.generation.engine import GenerationRequest
 from core.generation.transformers_engine import TransformersEngine
 from core.policy import Generate, generated_spans
@@ -260,7 +261,7 @@ def test_short_text_is_too_short_never_a_guess(tmp_path: Path) -> None:
 
 
 def test_a_short_key_is_a_configuration_error() -> None:
-    with pytest.raises(Exception, match="at least 16"):
+    with pytest.raises(SettingsError, match="at least 16"):
         Settings.from_mapping({"CHATBOT_WATERMARK_KEY": "short"})
 
 
