@@ -14,6 +14,7 @@ figures are:
 - unsupported sentences: sentences outside the fixed frames that no single passage supports
   (`core.knowledge.verify`);
 - median words of an answer (without its source line);
+  (these figures are `core.training.kb_eval`'s, which `chatbot eval --kb` reports too)
 - the extractive baseline, computed in the same run on the same questions: the top passage
   by cosine, quoted whole, declining below the cosine threshold that best separates the
   tuning set (the same protocol as the product's thresholds).
@@ -35,37 +36,30 @@ import asyncio
 import datetime
 import itertools
 import json
-import re
 import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.conversation import ConversationKey  # noqa: E402
-from core.inbound import submit_user_message  # noqa: E402
-from core.jobs import JobQueue  # noqa: E402
-from core.keys import Keys  # noqa: E402
 from core.knowledge.answers import FRAMES  # noqa: E402
 from core.knowledge.embeddings import Embedder, load_embedder  # noqa: E402
-from core.knowledge.retrieval import Index, Retriever  # noqa: E402
-from core.knowledge.sentences import split_sentences  # noqa: E402
-from core.knowledge.store import KnowledgeBaseStore  # noqa: E402
-from core.knowledge.verify import Verifier, invented_facts  # noqa: E402
-from core.redis_conn import Redis, connect  # noqa: E402
-from core.redis_server import RedisServer  # noqa: E402
-from core.settings import Settings  # noqa: E402
-from core.store import ConversationStore  # noqa: E402
-from core.support.forget import FORGET_CONFIRM_TEXT, FORGET_DONE  # noqa: E402
-from core.support.handoff import HANDOFF_NO_CONTACT, HANDOFF_STARTED  # noqa: E402
+from core.knowledge.retrieval import Index  # noqa: E402
+from core.knowledge.verify import Verifier  # noqa: E402
+from core.training.kb_eval import (  # noqa: E402
+    FIXED_REPLIES,
+    answer_questions,
+    contains_all,
+    knowledge_texts,
+    load_questions,
+    score,
+    share,
+    unsupported,
+)
 
 RESULTS = REPO_ROOT / "bench" / "results" / "kb-eval.json"
 SETS = {
@@ -75,42 +69,6 @@ SETS = {
         REPO_ROOT / "examples" / "ledgerly" / "eval.yaml",
     ),
 }
-# The product's other fixed, fact-free replies (a customer who asks for a person is told so).
-FIXED_REPLIES = (HANDOFF_STARTED, HANDOFF_NO_CONTACT, FORGET_CONFIRM_TEXT, FORGET_DONE)
-_SOURCE_LINE = re.compile(r"^Sources?: (.*)$", re.MULTILINE)
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def contains_all(text: str, facts: Sequence[str]) -> bool:
-    low = normalise(text)
-    return all(normalise(f) in low for f in facts)
-
-
-def body_of(reply: str) -> str:
-    """A reply without its source line and quote markers: what the facts are looked for in."""
-    lines = [line.removeprefix(">").strip() for line in reply.splitlines()]
-    return "\n".join(line for line in lines if not _SOURCE_LINE.match(line))
-
-
-def cites(reply: str, source: str) -> bool:
-    cited = _SOURCE_LINE.search(reply)
-    if not cited:
-        return False
-    labels = [label.strip() for label in cited.group(1).split(";")]
-    return any(label == source or label.startswith(f"{source} ›") for label in labels)
-
-
-def unsupported(reply: str, verifier: Verifier) -> list[str]:
-    reasons = []
-    for paragraph in body_of(reply).split("\n"):
-        for sentence in split_sentences(paragraph.replace(" … ", "\n")):
-            verdict = verifier.check(sentence)
-            if not verdict.supported:
-                reasons.append(verdict.reason)
-    return reasons
 
 
 def best_cosine_threshold(inside: list[float], outside: list[float]) -> float:
@@ -143,193 +101,35 @@ async def baseline_rows(
     return rows
 
 
-async def ask_all(
-    redis: Redis,
-    settings: Settings,
-    questions: list[tuple[str, str]],
-    expect: dict[str, int],
-    timeout_s: float,
-    started: float,
-    worker_task: asyncio.Task[None],
-) -> dict[str, list[dict[str, str]]]:
-    """Submit (conversation, text) pairs; wait until each conversation has `expect` replies."""
-    keys = Keys(settings.namespace)
-    store = ConversationStore.from_settings(redis, settings)
-    queue = JobQueue(redis, keys)
-    for n, (conversation, text) in enumerate(questions):
-        await submit_user_message(
-            store,
-            queue,
-            ConversationKey("console", "eval", conversation),
-            text=text,
-            author_id=f"customer-{conversation}",
-            author_name="Customer",
-            message_id=f"m{n}-{time.monotonic_ns()}",
-            max_chars=settings.max_message_chars,
-        )
-    while True:
-        if time.perf_counter() - started > timeout_s:
-            raise TimeoutError(f"no replies to every question in {timeout_s} s")
-        if worker_task.done():
-            worker_task.result()
-        entries: Any = await redis.xrange(keys.outbox("console"))
-        replies: dict[str, list[dict[str, str]]] = {}
-        for _, fields in entries:
-            channel = ConversationKey.from_id(fields["conversation"]).channel
-            replies.setdefault(channel, []).append(fields)
-        if all(len(replies.get(c, [])) >= n for c, n in expect.items()):
-            return replies
-        await asyncio.sleep(0.3)
-
-
 async def evaluate_set(
     name: str, kb_dir: Path, question_file: Path, args: argparse.Namespace, embedder: Embedder
 ) -> dict[str, Any]:
-    from core.generation.transformers_engine import open_engine
-    from core.worker import Worker
-
-    data = yaml.safe_load(question_file.read_text(encoding="utf-8"))
-    in_scope, out_scope = list(data["in_scope"]), list(data["out_of_scope"])
-    follow_ups = list(data.get("follow_ups") or [])
-    with tempfile.TemporaryDirectory(prefix="kb-eval-") as tmp:
-        server = RedisServer(Path(tmp) / "redis")
-        url = await asyncio.to_thread(server.start)
-        redis = connect(url)
-        try:
-            env = {"REDIS_URL": url, "CHATBOT_NAMESPACE": "eval", "CHATBOT_DATA_DIR": tmp}
-            if args.model:  # e.g. a fine-tuned model (`chatbot train sft`)
-                env["CHATBOT_MODEL"] = args.model
-            settings = Settings.from_mapping(env)
-            kb_store = KnowledgeBaseStore(redis, Keys(settings.namespace))
-            report = await kb_store.ingest(settings.kb, kb_dir, embedder)
-            print(f"[{name}] ingested {kb_dir}: {report.summary()}", file=sys.stderr)
-            retriever = Retriever(kb_store, embedder)
-            index = await retriever.index(settings.kb)
-            engine = await open_engine(settings, lambda line: print(line, file=sys.stderr))
-            embedder.executor = engine.executor
-            await JobQueue(redis, Keys(settings.namespace)).ensure_group()
-            worker = Worker(redis, settings, engine, retriever=retriever)
-            task = asyncio.create_task(worker.run())
-            started = time.perf_counter()
-            try:
-                first = [(f"q{i}", q["question"]) for i, q in enumerate(in_scope + out_scope)]
-                first += [(f"f{i}", f["history"][0]) for i, f in enumerate(follow_ups)]
-                replies = await ask_all(
-                    redis, settings, first, {c: 1 for c, _ in first}, args.timeout_s, started, task
-                )
-                if follow_ups:
-                    second = [(f"f{i}", f["question"]) for i, f in enumerate(follow_ups)]
-                    replies = await ask_all(
-                        redis,
-                        settings,
-                        second,
-                        {c: 2 for c, _ in second},
-                        args.timeout_s,
-                        started,
-                        task,
-                    )
-                seconds = time.perf_counter() - started
-            finally:
-                worker.stop()
-                await task
-                engine.close()
-                embedder.executor = None  # the engine's thread is gone
-            baseline = await baseline_rows(index, embedder, in_scope + out_scope)
-        finally:
-            await redis.aclose()
-            await asyncio.to_thread(server.stop)
-    return score_set(
-        name,
+    questions = load_questions(question_file)
+    env = {"CHATBOT_MODEL": args.model} if args.model else {}  # e.g. `chatbot train sft`'s
+    answers = await answer_questions(
         kb_dir,
-        question_file,
-        index,
-        in_scope,
-        out_scope,
-        follow_ups,
-        replies,
-        baseline,
-        seconds,
+        questions,
+        embedder,
+        env=env,
+        timeout_s=args.timeout_s,
+        progress=lambda line: print(f"[{name}] {line}", file=sys.stderr),
     )
-
-
-def score_set(
-    name: str,
-    kb_dir: Path,
-    question_file: Path,
-    index: Index,
-    in_scope: list[dict[str, Any]],
-    out_scope: list[dict[str, Any]],
-    follow_ups: list[dict[str, Any]],
-    replies: dict[str, list[dict[str, str]]],
-    baseline: list[tuple[float, str, str]],
-    seconds: float,
-) -> dict[str, Any]:
-    texts = [p.text for p in index.passages] + [p.title for p in index.passages]
-    verifier = Verifier(texts, FRAMES + FIXED_REPLIES)
-    rows = []
-    for i, q in enumerate(in_scope + out_scope):
-        reply = replies[f"q{i}"][0]
-        scope = "in" if i < len(in_scope) else "out"
-        rows.append(
-            {
-                "scope": scope,
-                "kind_of_question": q.get("kind", ""),
-                "question": q["question"],
-                "kind": reply["kind"],
-                "facts": scope == "in"
-                and reply["kind"] == "answer"
-                and contains_all(body_of(reply["text"]), q["expected"]),
-                "cites": scope == "in"
-                and reply["kind"] == "answer"
-                and cites(reply["text"], q["source"]),
-                "invented": invented_facts(body_of(reply["text"]), texts),
-                "unsupported": unsupported(reply["text"], verifier),
-                "words": len(body_of(reply["text"]).split()),
-                "reply": reply["text"],
-            }
-        )
-    inside = [r for r in rows if r["scope"] == "in"]
-    outside = [r for r in rows if r["scope"] == "out"]
-    answers = [r for r in rows if r["kind"] == "answer"]
-    follow_rows = []
-    for i, f in enumerate(follow_ups):
-        reply = replies[f"f{i}"][-1]
-        follow_rows.append(
-            {
-                "history": f["history"],
-                "question": f["question"],
-                "facts": reply["kind"] == "answer"
-                and contains_all(body_of(reply["text"]), f["expected"]),
-                "reply": reply["text"],
-            }
-        )
+    asked = questions.in_scope + questions.out_of_scope
+    baseline = await baseline_rows(answers.index, embedder, asked)
+    texts = knowledge_texts(answers.index)
     return {
         "set": name,
         "knowledge_base": _shown(kb_dir),
         "questions": _shown(question_file),
-        "in_scope": len(inside),
-        "out_of_scope": len(outside),
-        "product": {
-            "facts": share(r["facts"] for r in inside),
-            "citation": share(r["cites"] for r in inside),
-            "answered": share(r["kind"] == "answer" for r in inside),
-            "declined": share(r["kind"] == "decline" for r in outside),
-            "declined_by_kind": {
-                kind: share(
-                    r["kind"] == "decline" for r in outside if r["kind_of_question"] == kind
-                )
-                for kind in sorted({r["kind_of_question"] for r in outside})
-            },
-            "invented_numbers": sum(bool(r["invented"]) for r in rows),
-            "unsupported_sentences": sum(len(r["unsupported"]) for r in rows),
-            "median_words": statistics.median(r["words"] for r in answers) if answers else 0,
-            "follow_ups": share(r["facts"] for r in follow_rows) if follow_rows else None,
-            "seconds": round(seconds, 1),
-        },
+        **score(questions, answers),
         # Scored in `run`, with the cosine threshold chosen on the tuning set.
-        "baseline": (baseline, in_scope, out_scope, texts, verifier),
-        "rows": rows,
-        "follow_up_rows": follow_rows,
+        "baseline": (
+            baseline,
+            questions.in_scope,
+            questions.out_of_scope,
+            texts,
+            Verifier(texts, FRAMES + FIXED_REPLIES),
+        ),
     }
 
 
@@ -364,11 +164,6 @@ def baseline_figures(
 
 def _shown(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
-
-
-def share(values: Any) -> float:
-    items = list(values)
-    return round(sum(bool(v) for v in items) / len(items), 3) if items else 0.0
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`chatbot train sft` and `chatbot eval` (`core.training`).
+"""`chatbot train sft|kto|dpo`, `chatbot data export` and `chatbot model` (`core.training`);
 
 Both load a model of their own (the serving one is never touched): `--base`/`--model` name
 it like CHATBOT_MODEL does (empty: the bundled SmolLM2); the output of `train` is a model
@@ -14,22 +14,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bot.evaluation import (
+    EXAMPLE_HELD_OUT,
+    add_knowledge_arguments,
+    cmd_eval,
+    evaluate_model,
+    knowledge_set,
+    print_figures,
+    progress,
+)
 from core.errors import DataError
 from core.settings import Settings
-
-EXAMPLE_HELD_OUT = (
-    Path(__file__).resolve().parent.parent / "examples" / "dialogues" / "held-out.jsonl"
-)
-
-
-def _progress(message: str, *args: Any) -> None:
-    print(message % args if args else message, file=sys.stderr)
 
 
 def _serving_location(settings: Settings) -> Path:
     from core.generation.model_files import prepare_model
 
-    return Path(prepare_model(settings.model, settings.cache_dir, _progress)[1]).resolve()
+    return Path(prepare_model(settings.model, settings.cache_dir, progress)[1]).resolve()
 
 
 async def cmd_train_sft(settings: Settings, args: argparse.Namespace) -> int:
@@ -61,7 +62,7 @@ async def _start_training(settings: Settings, args: argparse.Namespace) -> tuple
     out = _checked_out(settings, args)
     base = settings.model if args.base is None else args.base
     model, tokenizer, _device = await asyncio.to_thread(
-        load_model, base, settings.device, "float32", settings.cache_dir, _progress
+        load_model, base, settings.device, "float32", settings.cache_dir, progress
     )
     options = TrainOptions(
         out=out,
@@ -141,58 +142,12 @@ def _checked_out(settings: Settings, args: argparse.Namespace) -> Path:
     return out
 
 
-async def _evaluate(settings: Settings, model_spec: str, data: list[Path]) -> dict[str, Any]:
-    from core.generation.transformers_engine import open_engine
-    from core.training.data import load_dialogues, rows
-    from core.training.evaluate import evaluate
-
-    dialogues = load_dialogues(data)
-    eval_rows = rows(dialogues, settings.persona)
-    spec = Settings.from_mapping(
-        {
-            "CHATBOT_MODEL": model_spec,
-            "CHATBOT_DEVICE": settings.device,
-            "CHATBOT_DTYPE": settings.dtype,
-            "CHATBOT_CACHE_DIR": str(settings.cache_dir),
-            "CHATBOT_CONTEXT_TOKENS": str(settings.context_tokens),
-            "CHATBOT_MAX_NEW_TOKENS": str(settings.max_new_tokens),
-            "CHATBOT_MAX_BATCH_SIZE": str(settings.max_batch_size),
-        }
-    )
-    engine = await open_engine(spec, _progress)
-    try:
-        result = await evaluate(
-            engine,
-            eval_rows,
-            model_name=model_spec or "bundled SmolLM2-135M-Instruct",
-            dialogues=len(dialogues),
-            max_new_tokens=settings.max_new_tokens,
-        )
-    finally:
-        engine.close()
-    return result.to_dict()
-
-
-async def cmd_eval(settings: Settings, args: argparse.Namespace) -> int:
-    data = args.data or [EXAMPLE_HELD_OUT]
-    specs = args.compare or [settings.model if args.model is None else args.model]
-    results = [await _evaluate(settings, spec, data) for spec in specs]
-    for result in results:
-        print(
-            f"{result['model']}: perplexity {result['perplexity']:.3f}, BLEU {result['bleu']:.2f}, "
-            f"chrF {result['chrf']:.2f} ({result['assistant_tokens']} assistant tokens, "
-            f"{result['dialogues']} dialogues)"
-        )
-    if args.json:
-        args.json.write_text(json.dumps(results if args.compare else results[0], indent=2) + "\n")
-    return 0
-
-
 async def cmd_model_promote(settings: Settings, args: argparse.Namespace) -> int:
     import logging
 
     from bot.admin import admin_redis
     from core.keys import Keys
+    from core.training.kb_eval import knowledge_regressions
     from core.training.registry import ModelRegistry, new_promotion, regressions, weights_digest
 
     candidate = args.directory.resolve()
@@ -200,20 +155,20 @@ async def cmd_model_promote(settings: Settings, args: argparse.Namespace) -> int
         raise DataError(f"{args.directory}: not a model directory (no config.json)")
     weights_digest(candidate)  # a directory without weights fails here, before evaluating
     data = args.data or [EXAMPLE_HELD_OUT]
+    knowledge = knowledge_set(args)
     async with admin_redis(settings) as redis:
         registry = ModelRegistry(redis, Keys(settings.namespace))
         serving = await registry.current()
         serving_spec = serving.path if serving else settings.model
         print(f"evaluating the serving model ({serving_spec or 'bundled'})…", file=sys.stderr)
-        baseline = await _evaluate(settings, serving_spec, data)
+        baseline = await evaluate_model(settings, serving_spec, data, knowledge)
         print(f"evaluating the candidate ({candidate})…", file=sys.stderr)
-        metrics = await _evaluate(settings, str(candidate), data)
+        metrics = await evaluate_model(settings, str(candidate), data, knowledge)
         for name, figures in (("serving", baseline), ("candidate", metrics)):
-            print(
-                f"{name:>9}: perplexity {figures['perplexity']:.3f}, BLEU {figures['bleu']:.2f}, "
-                f"chrF {figures['chrf']:.2f}"
-            )
+            print_figures(f"{name:>9}", figures)
         worse = regressions(metrics, baseline)
+        if knowledge is not None:
+            worse += knowledge_regressions(metrics["knowledge"], baseline["knowledge"])
         if worse and not args.force:
             print("refused: the candidate is worse: " + "; ".join(worse), file=sys.stderr)
             return 2
@@ -311,6 +266,7 @@ def add_training_commands(sub: Any) -> None:
     promote.add_argument("directory", type=Path, metavar="DIR")
     promote.add_argument("--data", type=Path, nargs="+", default=None, metavar="FILE")
     promote.add_argument("--force", action="store_true", help="promote even if it is worse")
+    add_knowledge_arguments(promote)
     promote.set_defaults(handler=cmd_model_promote)
     help_text = "serve the model promoted before the current one (or CHATBOT_MODEL)"
     model.add_parser("rollback", help=help_text, description=help_text).set_defaults(
@@ -323,4 +279,5 @@ def add_training_commands(sub: Any) -> None:
     ev.add_argument("--model", default=None, metavar="MODEL", help="default: CHATBOT_MODEL")
     ev.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"))
     ev.add_argument("--json", type=Path, default=None, metavar="OUT")
+    add_knowledge_arguments(ev)
     ev.set_defaults(handler=cmd_eval)
