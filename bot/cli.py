@@ -30,6 +30,7 @@ from core.errors import (
 from core.health import check_health
 from core.keys import Keys
 from core.knowledge.documents import KnowledgeBaseError
+from core.logs import log_formatter
 from core.pii import install_log_masking
 from core.redis_conn import TRANSIENT_ERRORS, mask_url
 from core.settings import Settings
@@ -44,16 +45,16 @@ EXIT_FAILURE = 1
 
 def _setup_logging(settings: Settings, *, quiet_console: bool) -> None:
     """Log to stderr; when a chat shares the terminal, full logs go to a file instead."""
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    formatter = log_formatter(settings.log_format)
     root = logging.getLogger()
     root.setLevel(settings.log_level)
     stderr = logging.StreamHandler()
-    stderr.setFormatter(logging.Formatter(fmt))
+    stderr.setFormatter(formatter)
     if quiet_console:
         stderr.setLevel(logging.WARNING)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         to_file = logging.FileHandler(settings.data_dir / "chatbot.log")
-        to_file.setFormatter(logging.Formatter(fmt))
+        to_file.setFormatter(formatter)
         root.addHandler(to_file)
     root.addHandler(stderr)
     # Customers' e-mail addresses, phone and card numbers never reach the log.

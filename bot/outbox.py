@@ -18,6 +18,8 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from bot.streaming import PostingLock, ShowPartial, StreamFollower
+from core import metrics
+from core.context import handling
 from core.conversation import Reply
 from core.jobs import consumer_name, trim_acknowledged
 from core.keys import DEAD_LETTER_MAXLEN, POSTED_TTL_S, TRIM_EVERY_S, Keys, adapter_group
@@ -139,6 +141,10 @@ class OutboxConsumer:
         return len(entries)
 
     async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+        with handling(fields.get("conversation", ""), reply=fields.get("reply_id", "")):
+            await self._handle_entry(entry_id, fields)
+
+    async def _handle_entry(self, entry_id: str, fields: dict[str, str]) -> None:
         try:
             reply = Reply.from_fields(fields)
         except (KeyError, ValueError) as exc:
@@ -207,3 +213,4 @@ class OutboxConsumer:
         await self.redis.xadd(
             self.keys.dead_letter, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True
         )
+        metrics.dead_lettered(self.platform, "post")

@@ -21,6 +21,7 @@ from bot.admin import ingest
 from bot.redis_session import Embedded, redis_session
 from core.errors import SettingsError
 from core.keys import Keys
+from core.probes import Probes, outbox_group, reading_jobs, serve_probes, waiting
 from core.redis_conn import Redis, with_retry
 from core.settings import Settings
 
@@ -50,19 +51,29 @@ def install_stop_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-Serve = Callable[[Redis, asyncio.Event], Coroutine[Any, Any, None]]
+Serve = Callable[[Redis, asyncio.Event, Probes], Coroutine[Any, Any, None]]
 
 
-async def serve_with_redis(settings: Settings, serve: Serve) -> int:
-    """Wait for Redis, run `serve` until SIGINT/SIGTERM sets the stop event, disconnect."""
+async def serve_with_redis(
+    settings: Settings, serve: Serve, part: str = "", *, probed: bool = True
+) -> int:
+    """Wait for Redis, run `serve` until SIGINT/SIGTERM sets the stop event, disconnect.
+    With `probed`, metrics and probes are served on CHATBOT_METRICS_PORT meanwhile."""
     stop = asyncio.Event()
     install_stop_handlers(stop)
-    async with redis_session(settings, wait=stop) as redis:
-        await serve(redis, stop)
+    parts = [part] if part else []
+    async with (
+        serve_probes(settings, stop, parts, serve=probed) as probes,
+        redis_session(settings, wait=stop) as redis,
+    ):
+        probes.connected(redis)
+        await serve(redis, stop, probes)
     return 0
 
 
-async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
+async def serve_worker(
+    settings: Settings, redis: Redis, stop: asyncio.Event, probes: Probes | None = None
+) -> None:
     """Load the model (in a thread, so the event loop keeps serving), then work until `stop`."""
     from core.generation.transformers_engine import open_engine
     from core.knowledge.embeddings import load_embedder
@@ -70,6 +81,8 @@ async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) ->
     from core.knowledge.store import KnowledgeBaseStore
     from core.worker import Worker
 
+    if probes is not None:
+        probes.check("worker", waiting("the model is not loaded yet"))
     engine: Any
     if settings.engine_url:
         from core.generation.remote_engine import load_remote_engine
@@ -108,6 +121,8 @@ async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) ->
         raise
     retriever = Retriever(KnowledgeBaseStore(redis, Keys(settings.namespace)), embedder)
     worker = Worker(redis, settings, engine, retriever=retriever, loader=loader, model=model)
+    if probes is not None:
+        probes.check("worker", reading_jobs(worker.queue))
     run = asyncio.create_task(worker.run())
     stop_wait = asyncio.create_task(stop.wait())
     try:
@@ -119,15 +134,23 @@ async def serve_worker(settings: Settings, redis: Redis, stop: asyncio.Event) ->
         worker.engine.close()  # the one it serves now: a promoted model may have replaced it
 
 
-async def serve_slack(settings: Settings, redis: Redis, stop: asyncio.Event, port: int) -> None:
+async def serve_slack(
+    settings: Settings, redis: Redis, stop: asyncio.Event, port: int, probes: Probes | None = None
+) -> None:
     from bot.slack import SlackAdapter
 
+    if probes is not None:
+        probes.check("slack", outbox_group(redis, Keys(settings.namespace), "slack"))
     await SlackAdapter(redis, settings).serve(stop, port=port)
 
 
-async def serve_discord(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
+async def serve_discord(
+    settings: Settings, redis: Redis, stop: asyncio.Event, probes: Probes | None = None
+) -> None:
     from bot.discord import DiscordAdapter
 
+    if probes is not None:
+        probes.check("discord", outbox_group(redis, Keys(settings.namespace), "discord"))
     await DiscordAdapter(redis, settings).serve(stop)
 
 
@@ -140,17 +163,22 @@ async def serve_console(
 
 
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    return await serve_with_redis(settings, lambda r, s: serve_worker(settings, r, s))
+    return await serve_with_redis(
+        settings, lambda r, s, p: serve_worker(settings, r, s, p), "worker"
+    )
 
 
 async def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
+    # A terminal client, not a service: no metrics port (it would clash with `chatbot run`'s).
     return await serve_with_redis(
-        settings, lambda r, s: serve_console(settings, r, s, args.conversation)
+        settings, lambda r, s, p: serve_console(settings, r, s, args.conversation), probed=False
     )
 
 
 async def cmd_slack(settings: Settings, args: argparse.Namespace) -> int:
-    return await serve_with_redis(settings, lambda r, s: serve_slack(settings, r, s, args.port))
+    return await serve_with_redis(
+        settings, lambda r, s, p: serve_slack(settings, r, s, args.port, p), "slack"
+    )
 
 
 async def cmd_discord(settings: Settings, args: argparse.Namespace) -> int:
@@ -161,24 +189,33 @@ async def cmd_discord(settings: Settings, args: argparse.Namespace) -> int:
             raise SettingsError("DISCORD_TOKEN is not set: the invite URL is made from it")
         print(invite_url(settings.discord_token))
         return 0
-    return await serve_with_redis(settings, lambda r, s: serve_discord(settings, r, s))
+    return await serve_with_redis(
+        settings, lambda r, s, p: serve_discord(settings, r, s, p), "discord"
+    )
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     """Embedded Redis (unless REDIS_URL), a worker, the configured adapters or the console;
-    when one part ends (the console at end of input, or a failure), the rest stop."""
+    when one part ends (the console at end of input, or a failure), the rest stop. They
+    are tasks of this one process, which serves one metrics port for them all."""
     stop = asyncio.Event()
     install_stop_handlers(stop)
-    async with redis_session(settings, embedded=Embedded.SERVE, wait=stop) as redis:
+    configured = {"slack": settings.slack_configured, "discord": settings.discord_configured}
+    adapters = [name for name, on in configured.items() if on]
+    async with (
+        serve_probes(settings, stop, ["worker", *adapters]) as probes,
+        redis_session(settings, embedded=Embedded.SERVE, wait=stop) as redis,
+    ):
+        probes.connected(redis)
         for path in args.ingest:
             progress(await ingest(settings, redis, Path(path), settings.kb, prune=True))
         parts: dict[str, Coroutine[Any, Any, None]] = {
-            "worker": serve_worker(settings, redis, stop)
+            "worker": serve_worker(settings, redis, stop, probes)
         }
         if settings.slack_configured:
-            parts["slack"] = serve_slack(settings, redis, stop, args.slack_port)
+            parts["slack"] = serve_slack(settings, redis, stop, args.slack_port, probes)
         if settings.discord_configured:
-            parts["discord"] = serve_discord(settings, redis, stop)
+            parts["discord"] = serve_discord(settings, redis, stop, probes)
         if not (settings.slack_configured or settings.discord_configured):
             parts["console"] = serve_console(settings, redis, stop, args.conversation)
         await _run_together(parts, stop)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+from core import metrics
 from core.conversation import ConversationKey, Message, Reply, ReplyId, Role
 from core.errors import POLITE_FAILURE
 from core.jobs import Job, JobQueue, Outbox
@@ -54,6 +55,7 @@ class Delivery:
         await with_retry("publishing a reply", lambda: self.outbox.publish(reply))
         await with_retry("confirming a reply", lambda: self.store.clear_pending(reply))
         self.replies_published += 1
+        metrics.reply_sent(reply.conversation.platform, reply.kind)
 
     async def failed(self, jobs: list[Job], error: str, max_deliveries: int) -> None:
         """Jobs whose reply could not be made: retried (left pending, claimed again after

@@ -10,7 +10,9 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TypeVar
 
+from core import metrics
 from core.admission import BUSY_TEXT, RATE_LIMITED_TEXT, RateLimiter
+from core.context import handling
 from core.conversation import ConversationKey, Message, Role
 from core.jobs import JobQueue
 from core.redis_conn import with_retry
@@ -70,6 +72,7 @@ async def submit_user_message(
     give_up_after_s: float | None = None,
     direct: bool = False,
     is_agent: Callable[[], Awaitable[bool]] | None = None,
+    received_at: float | None = None,
 ) -> Submission:
     """Persist the message in its conversation and enqueue a job for it, exactly once.
 
@@ -80,8 +83,50 @@ async def submit_user_message(
     only when `is_agent` (the adapter's look-up of the support team, asked only then)
     says its author is one.
     Redis calls are retried until `stop` is set or `give_up_after_s` has passed (then the
-    Redis error is raised: the platform must deliver the message again).
+    Redis error is raised: the platform must deliver the message again). `received_at`:
+    when the adapter received it (epoch seconds; default now), for the reply's timings.
     """
+    received_at = time.time() if received_at is None else received_at
+    with handling(conversation.id, received_at=received_at):
+        submission = await _submit(
+            store,
+            queue,
+            conversation,
+            text=text,
+            author_id=author_id,
+            author_name=author_name,
+            message_id=message_id,
+            max_chars=max_chars,
+            dedupe_id=dedupe_id,
+            timestamp=timestamp,
+            stop=stop,
+            give_up_after_s=give_up_after_s,
+            direct=direct,
+            is_agent=is_agent,
+            received_at=received_at,
+        )
+    metrics.message_received(conversation.platform, submission.outcome.value)
+    return submission
+
+
+async def _submit(
+    store: ConversationStore,
+    queue: JobQueue,
+    conversation: ConversationKey,
+    *,
+    text: str | bytes,
+    author_id: str,
+    author_name: str,
+    message_id: str,
+    max_chars: int,
+    dedupe_id: str | None = None,
+    timestamp: float | None = None,
+    stop: asyncio.Event | None = None,
+    give_up_after_s: float | None = None,
+    direct: bool = False,
+    is_agent: Callable[[], Awaitable[bool]] | None = None,
+    received_at: float,
+) -> Submission:
     give_up_at = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     retry = Retry(stop, give_up_at)
     config, handoff = await _conversation_settings(store, conversation, retry)
@@ -110,7 +155,14 @@ async def submit_user_message(
         timestamp=time.time() if timestamp is None else timestamp,
     )
     submission = await _store_and_enqueue(
-        store, queue, conversation, message, dedupe_id or message_id, handoff is not None, retry
+        store,
+        queue,
+        conversation,
+        message,
+        dedupe_id or message_id,
+        handoff is not None,
+        retry,
+        received_at,
     )
     return replace(submission, truncated=clean.truncated)
 
@@ -165,6 +217,7 @@ async def _store_and_enqueue(
     dedupe: str,
     handed_off: bool,
     retry: Retry,
+    received_at: float,
 ) -> Submission:
     """Store (once per `dedupe` id), index, then enqueue a job unless a person has it."""
     added = await retry(
@@ -182,7 +235,9 @@ async def _store_and_enqueue(
     if not handed_off:  # while a person has the conversation, nothing is enqueued
         await retry(
             "enqueueing a job",
-            lambda: queue.enqueue(conversation, added.seq, message.message_id, message.author_id),
+            lambda: queue.enqueue(
+                conversation, added.seq, message.message_id, message.author_id, received_at
+            ),
         )
     await retry("marking a message settled", lambda: store.mark_settled(conversation, dedupe))
     return Submission(Outcome.HANDED_OFF if handed_off else Outcome.QUEUED, seq=added.seq)

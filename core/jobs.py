@@ -15,6 +15,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from core import metrics
 from core.conversation import ConversationKey, Reply
 from core.keys import DEAD_LETTER_MAXLEN, WORKER_GROUP, Keys
 from core.redis_conn import Redis
@@ -42,6 +43,8 @@ class Job:
     message_id: str
     deliveries: int = 1
     author: str = ""  # who wrote it: batches are filled fairly, user by user
+    # When the adapter received the message (epoch seconds; 0: not known), for the metrics.
+    received_at: float = 0.0
 
     @property
     def entry_id_order(self) -> tuple[int, int]:
@@ -58,6 +61,7 @@ class Job:
             message_id=fields["message_id"],
             deliveries=deliveries,
             author=fields.get("author", ""),
+            received_at=float(fields.get("received_at") or fields.get("enqueued_at") or 0),
         )
 
 
@@ -77,14 +81,21 @@ class JobQueue:
                 raise
 
     async def enqueue(
-        self, conversation: ConversationKey, seq: int, message_id: str, author: str = ""
+        self,
+        conversation: ConversationKey,
+        seq: int,
+        message_id: str,
+        author: str = "",
+        received_at: float | None = None,
     ) -> str:
+        now = time.time()
         fields = {
             "conversation": conversation.id,
             "seq": str(seq),
             "message_id": message_id,
             "author": author,
-            "enqueued_at": f"{time.time():.3f}",
+            "enqueued_at": f"{now:.3f}",
+            "received_at": f"{received_at or now:.3f}",  # by the adapter
         }
         return await _xadd(self.redis, self.keys.jobs, fields, None)
 
@@ -230,6 +241,7 @@ class JobQueue:
         }
         await _xadd(self.redis, self.keys.dead_letter, record, DEAD_LETTER_MAXLEN)
         await self.ack([entry_id])
+        metrics.dead_lettered(fields.get("conversation", "").partition(":")[0], "job")
 
     async def waiting(self) -> int:
         """Entries in the job stream: with `trim_acknowledged`, about the work not done."""

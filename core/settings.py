@@ -28,6 +28,7 @@ DEFAULT_PERSONA = (
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 def _positive_int(name: str, raw: str) -> int:
@@ -150,6 +151,15 @@ def _watermark_key(name: str, raw: str) -> str | None:
     return key or None
 
 
+def _port(name: str, raw: str) -> int | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise SettingsError(f"{name}={raw!r} must be a port number from 1 to 65535")
+    return int(value)
+
+
 def _env(name: str, parse: Callable[[str, str], Any] = _text, **kwargs: Any) -> Any:
     """A dataclass field read from environment variable `name`, converted by `parse`."""
     metadata = {"env": name, "parse": parse}
@@ -194,6 +204,10 @@ class Settings:
         default_factory=lambda: Path.home() / ".cache" / "chatbot",
     )
     log_level: str = _env("CHATBOT_LOG_LEVEL", _choice(LOG_LEVELS), default="INFO")
+    # "json": one object per line, with the conversation and job ids where known.
+    log_format: str = _env("CHATBOT_LOG_FORMAT", _choice(LOG_FORMATS), default="text")
+    # /metrics, /healthz and /readyz on this port (core/probes.py); unset: none.
+    metrics_port: int | None = _env("CHATBOT_METRICS_PORT", _port, default=None)
     # At DEBUG, slack_sdk and discord.py log request and response bodies (customers'
     # messages, tokens in URLs): only when asked for, on top of CHATBOT_LOG_LEVEL=DEBUG.
     log_platform_bodies: bool = _env("CHATBOT_LOG_PLATFORM_BODIES", _flag, default=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,7 @@ class ReplyPublisher:
         self.visible = visible
         self.stream = keys.reply_stream(reply.conversation, reply.reply_id)
         self.opened = False
+        self.first_text_at: float | None = None  # wall clock, for time to first token
         self._latest = ""
         self._published = ""
         self._wake = asyncio.Event()
@@ -76,6 +78,8 @@ class ReplyPublisher:
         return self._latest
 
     def on_text(self, text: str) -> None:
+        if self.first_text_at is None and text:
+            self.first_text_at = time.time()
         if self._stopping.is_set():
             return
         shown = self.visible(text)

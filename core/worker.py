@@ -31,8 +31,10 @@ from dataclasses import dataclass
 
 from redis.exceptions import ResponseError
 
+from core import metrics
 from core.answering import generate_unless_handed_off
 from core.collecting import Collector
+from core.context import handling_jobs
 from core.conversation import ConversationKey, Message, ReplyId, Role
 from core.delivery import Delivery, reply_to
 from core.generation.engine import Engine, Generation, GenerationRequest
@@ -42,11 +44,7 @@ from core.keys import Keys
 from core.knowledge.retrieval import Retriever
 from core.liveness import Liveness
 from core.plans import PlanRunner
-from core.policy import (
-    AnswerPolicy,
-    Draft,
-    Generate,
-)
+from core.policy import AnswerPolicy, Draft, Generate
 from core.promotions import EngineLoader, PromotedModels
 from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis, with_retry
 from core.settings import Settings
@@ -227,7 +225,8 @@ class Worker:
         prepared = []
         for conversation, conv_jobs in by_conversation.items():
             try:
-                item = await self._prepare_conversation(conversation, conv_jobs)
+                with handling_jobs(conversation, conv_jobs):  # in every log line, the metrics
+                    item = await self._prepare_conversation(conversation, conv_jobs)
             except TRANSIENT_ERRORS:
                 raise
             except Exception:
@@ -314,7 +313,9 @@ class Worker:
 
     def _start(self, item: Prepared) -> asyncio.Task[None]:
         self._in_flight[item.request.request_id] = item
-        task = asyncio.create_task(self._answer(item), name=f"answer {item.request.request_id}")
+        with handling_jobs(item.conversation, item.jobs):  # the task's own context
+            task = asyncio.create_task(self._answer(item), name=f"answer {item.request.request_id}")
+        metrics.track_batch(task)
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
         return task
@@ -338,6 +339,7 @@ class Worker:
                 await self.queue.ack([j.entry_id for j in item.jobs])
                 return
             elapsed_s = time.monotonic() - started
+            metrics.generated(item.conversation.platform, generation.new_tokens, publisher)
             log.info(
                 "generated %s: %d tokens in %.2f s (%.1f tok/s, %s)",
                 item.request.request_id,
@@ -384,11 +386,12 @@ class Worker:
 
     async def _give_up(self, job: Job, reason: str) -> None:
         """Dead-letter a job and apologise, once, under the conversation lock."""
-        async with self.store.lock(job.conversation, self.settings.lock_ttl_s) as lock:
-            if not lock.held:
-                self.collector.defer(job)  # its conversation is busy: next step
-                return
-            await self.delivery.dead_letter(job, reason)
+        with handling_jobs(job.conversation, [job]):
+            async with self.store.lock(job.conversation, self.settings.lock_ttl_s) as lock:
+                if not lock.held:
+                    self.collector.defer(job)  # its conversation is busy: next step
+                    return
+                await self.delivery.dead_letter(job, reason)
 
     def _owned_jobs(self) -> list[str]:
         entry_ids = list(self.collector.deferred)

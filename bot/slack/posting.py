@@ -27,12 +27,15 @@ from bot.outbox import PermanentPostError, PostedParts
 from bot.slack.format import escape, markdown_to_mrkdwn
 from bot.slack.streaming import SlackStreams
 from bot.streaming import streamed_messages
+from core import metrics
 from core.conversation import ConversationKey, Reply
 from core.keys import PLACEHOLDER_TTL_S, Keys
 from core.redis_conn import Redis
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+PLATFORM = "slack"
 
 # Slack accepts up to 40k characters but shows long messages collapsed; 3,000 keeps each
 # part readable and well under every limit.
@@ -61,15 +64,41 @@ BUTTONS: dict[str, list[tuple[str, str, str | None]]] = {
 
 def web_client(settings: Settings) -> AsyncWebClient:
     """Web API client with Slack's rate limits (429 + Retry-After) and flaky networks
-    handled by retrying; `SLACK_API_URL` sets the base (slack_sdk reads no variable)."""
-    return AsyncWebClient(
+    handled by retrying; `SLACK_API_URL` sets the base (slack_sdk reads no variable).
+    Failed and retried calls are counted (`core.metrics`), by API method."""
+    return _CountedWebClient(
         token=settings.slack_bot_token,
         base_url=settings.slack_api_url,
         retry_handlers=[
-            AsyncRateLimitErrorRetryHandler(max_retry_count=5),
-            AsyncConnectionErrorRetryHandler(max_retry_count=3),
+            _CountedRateLimitRetries(max_retry_count=5),
+            _CountedConnectionRetries(max_retry_count=3),
         ],
     )
+
+
+class _CountedWebClient(AsyncWebClient):
+    async def api_call(self, api_method: str, **kwargs: Any) -> Any:
+        try:
+            return await super().api_call(api_method, **kwargs)
+        except (SlackApiError, ClientError, TimeoutError):
+            metrics.api_error(PLATFORM, api_method)
+            raise
+
+
+def _api_method(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+
+
+class _CountedRateLimitRetries(AsyncRateLimitErrorRetryHandler):
+    async def prepare_for_next_attempt_async(self, **kwargs: Any) -> None:
+        metrics.api_retry(PLATFORM, _api_method(kwargs["request"].url))
+        await super().prepare_for_next_attempt_async(**kwargs)
+
+
+class _CountedConnectionRetries(AsyncConnectionErrorRetryHandler):
+    async def prepare_for_next_attempt_async(self, **kwargs: Any) -> None:
+        metrics.api_retry(PLATFORM, _api_method(kwargs["request"].url))
+        await super().prepare_for_next_attempt_async(**kwargs)
 
 
 class SlackPoster:
