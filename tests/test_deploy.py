@@ -173,7 +173,7 @@ def test_the_compose_schema_check_catches_a_misspelt_key(
 
 
 def test_compose_needs_no_variables_and_honours_them(compose: Any) -> None:
-    custom = load_compose(env={"CHATBOT_WORKERS": "4", "CHATBOT_TAG": "1.2.3"})
+    custom = load_compose(env={"WORKERS": "4", "IMAGE_TAG": "1.2.3"})
     assert custom["services"]["worker"]["deploy"]["replicas"] == "4"
     assert custom["services"]["worker"]["image"] == "chatbot-worker:1.2.3"
     assert compose["services"]["worker"]["image"] == "chatbot-worker:latest"
@@ -382,6 +382,62 @@ def test_grafana_provisioning_loads_the_dashboard(compose: Any) -> None:
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
     for local in mounts:
         assert (DEPLOY / local).exists(), local
+
+
+def test_compose_references_resolve(compose: Any) -> None:
+    """What `docker compose config` checks beyond the schema."""
+    services = compose["services"]
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            if not service.get("profiles"):  # an always-on service cannot wait for an optional one
+                assert not services[dependency].get("profiles"), (name, dependency)
+        for secret in service.get("secrets", []):
+            assert secret in compose["secrets"], (name, secret)
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in compose["volumes"], (name, source)
+
+
+# Every text file of deploy/, and the Dockerfile: what they tell operators to run or set.
+DEPLOY_TEXTS = sorted(
+    p
+    for p in [*DEPLOY.rglob("*"), ROOT / "Dockerfile"]
+    if p.is_file() and p.suffix not in (".json",) and "secrets" not in p.parts
+)
+
+
+def test_deploy_files_name_only_real_settings() -> None:
+    for path in DEPLOY_TEXTS:
+        for name in re.findall(r"\bCHATBOT_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()):
+            assert name.removesuffix("_FILE") in SETTINGS, f"{path.relative_to(ROOT)}: {name}"
+    example = (DEPLOY / "chatbot.env.example").read_text()
+    named = re.findall(r"^#?([A-Z][A-Z0-9_]*)=", example, re.MULTILINE)
+    assert named
+    for name in named:
+        assert name in SETTINGS, f"chatbot.env.example: {name}"
+
+
+def test_deploy_files_name_only_real_commands() -> None:
+    commands = 0
+    for path in DEPLOY_TEXTS:
+        text = path.read_text()
+        # systemd: the exact command lines
+        for line in re.findall(r"^ExecStart(?:Pre)?=\S*/chatbot (.*)$", text, re.MULTILINE):
+            assert_cli_accepts(line.split())
+            commands += 1
+        # prose and comments: `chatbot COMMAND [SUBCOMMAND] …` names real (sub)commands
+        for quoted in re.findall(r"`chatbot ([^`]*)`", text):
+            words = []
+            for word in quoted.split():
+                if not re.fullmatch(r"[a-z][a-z-]*", word):
+                    break
+                words.append(word)
+            assert words, f"{path.relative_to(ROOT)}: `chatbot {quoted}`"
+            assert_cli_accepts([*words, "--help"])
+            commands += 1
+    assert commands >= 10
 
 
 # ---------------------------------------------------------------------------------------
