@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -652,7 +653,16 @@ def test_images_start_the_chatbot_command() -> None:
 
 
 def test_the_adapter_image_has_no_torch() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if re.match(r"(torch|transformers)\b", d)]
     stages = dockerfile_stages()
+    copied = {source for c in stages["build"] if c.cmd == "COPY" for source in c.value[:-1]}
+    assert {
+        "pyproject.toml",
+        project["readme"],
+        "core/",
+        "bot/",
+    } <= copied  # what `pip install .` reads
     (venv,) = [c for c in stages["adapter"] if c.cmd == "COPY" and "/opt/venv" in c.value]
     (source,) = [f for f in venv.flags if f.startswith("--from=")]
     installs = run_lines(stages, source.removeprefix("--from="))
