@@ -32,6 +32,7 @@ from core.keys import Keys
 from core.knowledge.documents import KnowledgeBaseError
 from core.logs import log_formatter
 from core.pii import install_log_masking
+from core.redis_checks import server_config_findings
 from core.redis_conn import TRANSIENT_ERRORS, mask_url
 from core.settings import Settings
 
@@ -81,6 +82,8 @@ async def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     async with redis_session(settings, check=False) as redis:
         try:
             health = await check_health(redis, Keys(settings.namespace))
+            for finding in await server_config_findings(redis):  # eviction, persistence
+                print(f"warning: {finding}", file=sys.stderr)
         except TRANSIENT_ERRORS as exc:
             where = mask_url(known_redis_url(settings) or "")
             print(f"unhealthy: Redis at {where} is unreachable ({exc})", file=sys.stderr)

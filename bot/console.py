@@ -141,6 +141,8 @@ class ConsoleChat:
                     if stream != outbox:
                         if on_partial is not None and "text" in fields:
                             on_partial(str(fields["text"]))
+                        if "done" in fields:  # nothing more comes on it: stop waiting there
+                            cursors.pop(stream, None)
                         continue
                     reply = Reply.from_fields(fields)
                     if reply.conversation != self.conversation or reply.covers_seq < submission.seq:
@@ -151,8 +153,14 @@ class ConsoleChat:
         return NO_REPLY
 
     async def _read(self, cursors: dict[str, str], block_ms: int) -> Any:
-        streams: dict[Any, Any] = dict(cursors)
-        return await self.redis.xread(streams, block=block_ms)
+        """XREAD of the outbox and the reply streams, one stream at a time: they lie in
+        different Redis Cluster slots. The newest reply stream blocks (it ends with a
+        `done` entry); the outbox and any older ones are read without waiting after it."""
+        found: list[Any] = []
+        for n, (stream, cursor) in enumerate(reversed(cursors.items())):
+            one: dict[Any, Any] = {stream: cursor}
+            found += await self.redis.xread(one, block=block_ms if n == 0 else None) or []
+        return found
 
     async def run(self, stop: asyncio.Event) -> None:
         """Chat until end of input, `/quit`, or `stop`."""

@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from core.errors import SettingsError
+from core.redis_checks import log_server_config
 from core.redis_conn import TRANSIENT_ERRORS, Redis, connect, mask_url, with_retry
 from core.redis_server import RedisServer
 from core.settings import Settings
@@ -62,6 +63,7 @@ async def redis_session(
         if wait is not None:
             log.info("connecting to Redis at %s", mask_url(url))
             await with_retry(f"connecting to {mask_url(url)}", redis.ping, stop=wait)
+            await log_server_config(redis)  # warns when streams could be evicted or lost
         elif check:
             try:
                 await redis.ping()

@@ -11,17 +11,25 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.redis_url import RedisTarget, Topology, parse_redis_url
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Redis = aioredis.Redis
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# Above every BLOCK this project asks of XREAD/XREADGROUP (1 s at most): a blocking read
+# must end before the socket gives up on it (redis-py 8 defaults to 5 s).
+SOCKET_TIMEOUT_S = 10.0
 
 
 def backoff_s(failures: int, cap_s: float = 10.0) -> float:
@@ -65,14 +73,77 @@ def mask_url(url: str) -> str:
 
 
 def connect(url: str) -> Redis:
-    """A client that decodes strings; it connects lazily, so this never blocks."""
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        health_check_interval=15,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
+    """A client that decodes strings; it connects lazily, so this never blocks.
+
+    `url` is any form `core.redis_url` reads: one Redis, a master behind Sentinel (the
+    client asks the sentinels where the master is whenever it connects, so after a failover
+    it finds the new one), or a Redis Cluster (a `RedisCluster`, typed here as `Redis`:
+    it takes the same commands, each routed to the node holding its keys' slot). A
+    malformed URL raises SettingsError.
+    """
+    target = parse_redis_url(url)
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "health_check_interval": 15,
+        "socket_connect_timeout": 5,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_keepalive": True,
+    }
+    if target.topology is Topology.SENTINEL:
+        return _sentinel_master(target, options)
+    if target.topology is Topology.CLUSTER:
+        nodes = [ClusterNode(host, port) for host, port in target.nodes]
+        cluster = RedisCluster(
+            startup_nodes=nodes, username=target.username, password=target.password, **options
+        )
+        return cast(Redis, cluster)
+    return aioredis.Redis.from_url(url, **options)
+
+
+def is_cluster(redis: Redis) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+class _MasterConnection(SentinelManagedConnection):
+    """A connection to the master Sentinel named. A master whose replica has left it
+    (promoted in a failover) refuses writes with NOREPLICAS when it is configured with
+    `min-replicas-to-write`: that is taken, like READONLY, as "the master moved", so the
+    retry asks the sentinels again instead of writing where the writes would be lost."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOREPLICAS"):
+                raise
+            await self.disconnect()
+            raise RedisConnectionError(f"the master refused a write: {exc}") from exc
+
+
+class SentinelMaster(aioredis.Redis):
+    """The master's client; closing it closes its connections to the sentinels too."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel_manager is not None:
+            for client in self.sentinel_manager.sentinels:
+                await client.aclose()
+
+
+def _sentinel_master(target: RedisTarget, options: dict[str, Any]) -> Redis:
+    sentinel = Sentinel(list(target.nodes), **options)  # type: ignore[no-untyped-call]
+    master: SentinelMaster = sentinel.master_for(
+        target.master,
+        redis_class=SentinelMaster,
+        connection_class=_MasterConnection,
+        db=target.db,
+        username=target.username,
+        password=target.password,
     )
+    master.sentinel_manager = sentinel
+    return master
 
 
 async def with_retry(

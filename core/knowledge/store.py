@@ -212,12 +212,12 @@ class KnowledgeBaseStore:
     async def remove(self, kb: str) -> bool:
         """Delete a whole knowledge base; its version moves on so workers drop their copy."""
         k = self.keys
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:  # all in the `{kb}` slot
             pipe.delete(k.kb_documents(kb), k.kb_passages(kb))
             pipe.incr(k.kb_version(kb))
-            pipe.srem(k.knowledge_bases, kb)
-            results = await pipe.execute()
-        return bool(results[-1])
+            await pipe.execute()
+        # The list of names is in a slot of its own (Redis Cluster): removed after.
+        return bool(await self.redis.srem(k.knowledge_bases, kb))
 
     async def load(self, kb: str) -> tuple[int, list[Passage], Vectors, list[Vectors | None]]:
         """Version, passages, their vectors (one row each) and their sentences' vectors

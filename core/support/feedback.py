@@ -22,18 +22,14 @@ from core.redis_conn import Redis
 KIND_COUNTERS = {"answer": "answered", "decline": "declined", "handoff": "escalated"}
 COUNTERS = ("answered", "declined", "escalated", "helpful", "unhelpful", "rate_limited")
 
-# KEYS: feedback, stats.  ARGV: field, rating (1 or -1), ttl_s.
-# Returns the previous rating (0 if none).
+# KEYS: feedback.  ARGV: field, rating (1 or -1), ttl_s.
+# Returns the previous rating (0 if none); the caller moves the counters by the difference.
 _RATE = """
 local previous = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 local rating = tonumber(ARGV[2])
 if previous == rating then return previous end
 redis.call('HSET', KEYS[1], ARGV[1], rating)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-if previous == 1 then redis.call('HINCRBY', KEYS[2], 'helpful', -1) end
-if previous == -1 then redis.call('HINCRBY', KEYS[2], 'unhelpful', -1) end
-if rating == 1 then redis.call('HINCRBY', KEYS[2], 'helpful', 1) end
-if rating == -1 then redis.call('HINCRBY', KEYS[2], 'unhelpful', 1) end
 return previous
 """
 
@@ -43,8 +39,9 @@ class Feedback:
         self.redis = redis
         self.keys = keys
         self.ttl_s = ttl_s
-        # Not on a conversation's slot: the stats key is shared, so this runs as two calls
-        # on a cluster-unaware client; on one Redis it is atomic.
+        # The rating lives in its conversation's slot and the counters in the workspace's:
+        # the script decides (atomically) and the counters follow, so that it stays legal
+        # on Redis Cluster. A crash between the two leaves a counter one off, never a rating.
         self._rate = redis.register_script(_RATE)
 
     async def record_reply(self, reply: Reply) -> None:
@@ -77,10 +74,20 @@ class Feedback:
             return False
         if not await self.redis.hexists(self.keys.answers(conv), reply_id):
             return False
-        await self._rate(
-            keys=[self.keys.feedback(conv), self.keys.stats(conv.platform, conv.workspace)],
-            args=[f"{reply_id}|{user_id}", 1 if helpful else -1, self.ttl_s],
+        rating = 1 if helpful else -1
+        previous = int(
+            await self._rate(
+                keys=[self.keys.feedback(conv)], args=[f"{reply_id}|{user_id}", rating, self.ttl_s]
+            )
         )
+        if previous != rating:
+            counters = {1: "helpful", -1: "unhelpful"}
+            stats = self.keys.stats(conv.platform, conv.workspace)
+            async with self.redis.pipeline(transaction=True) as pipe:  # one key
+                if previous in counters:
+                    pipe.hincrby(stats, counters[previous], -1)
+                pipe.hincrby(stats, counters[rating], 1)
+                await pipe.execute()
         return True
 
     async def record(self, reply_id: str) -> dict[str, Any] | None:
