@@ -20,7 +20,7 @@ from bot.slack.posting import web_client
 from core.context import handling
 from core.conversation import ConversationKey
 from core.errors import POLITE_FAILURE, SettingsError
-from core.generation.engine import GenerationRequest
+from core.generation.engine import Generation, GenerationRequest
 from core.generation.transformers_engine import TransformersEngine
 from core.logs import JsonFormatter
 from core.pii import install_log_masking
@@ -152,6 +152,63 @@ async def test_counters_and_histograms_after_a_known_number_of_messages(
     assert delta(before, after, f"{ttft}_sum", platform="slack") > 0
     assert value(after, "chatbot_queue_depth") == 0
     assert value(after, "chatbot_queue_oldest_pending_seconds") == 0
+    assert value(after, "chatbot_batch_size") == 0
+
+
+class GatedEngine(ScriptedEngine):
+    """Streams a first word, then waits for `gate` before the rest."""
+
+    def __init__(self, inner: TransformersEngine) -> None:
+        super().__init__(inner, echo_answer)
+        self.gate = asyncio.Event()
+
+    async def stream(self, request: GenerationRequest, on_text: Any) -> Generation:
+        on_text("Hello")
+        await self.gate.wait()
+        on_text("Hello there")
+        return Generation(request.request_id, "Hello there", "stop", new_tokens=2)
+
+
+async def test_a_streamed_reply_is_timed_from_its_first_text_and_counted_in_the_batch(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> None:
+    port = free_port()
+    settings = make_settings(CHATBOT_METRICS_PORT=str(port), CHATBOT_STREAMING="on")
+    engine = GatedEngine(tiny_engine)
+    worker = Worker(redis, settings, engine)
+    async with serve_probes(settings) as probes:
+        probes.connected(redis)
+        before = await scrape(port)
+        running = asyncio.create_task(worker.run())
+        try:
+            await submit(redis, settings, ConversationKey("test", "W1", "C1", "s"), "hi?", "m1")
+
+            async def generating() -> bool:
+                return value(await scrape(port), "chatbot_batch_size") == 1
+
+            await wait_for(generating, 20, "the reply to be in the batch")
+            engine.gate.set()
+
+            async def answered() -> bool:
+                samples = await scrape(port)
+                replies = delta(
+                    before, samples, "chatbot_replies_total", platform="test", kind="answer"
+                )
+                return replies == 1 and value(samples, "chatbot_queue_depth") == 0
+
+            await wait_for(answered, 20, "the reply")
+            after = await scrape(port)
+        finally:
+            worker.stop()
+            await running
+    ttft, e2e = "chatbot_time_to_first_token_seconds", "chatbot_e2e_reply_seconds"
+    assert delta(before, after, f"{ttft}_count", platform="test") == 1
+    assert delta(before, after, f"{e2e}_count", platform="test") == 1
+    # The first text came while the gate held the rest back: before the reply was done.
+    assert delta(before, after, f"{ttft}_sum", platform="test") < delta(
+        before, after, f"{e2e}_sum", platform="test"
+    )
+    assert delta(before, after, "chatbot_generation_tokens_total", platform="test") == 2
     assert value(after, "chatbot_batch_size") == 0
 
 
@@ -351,3 +408,120 @@ async def test_the_workers_json_log_lines_name_the_conversation_and_jobs(
     [generated] = [line for line in lines if line["message"].startswith("generated ")]
     assert generated["conversation"] == conversation.id
     assert len(generated["jobs"]) == 1 and generated["logger"] == "core.worker"
+
+
+async def test_discord_api_errors_and_retries_are_counted(redis: Any, make_settings: Any) -> None:
+    from discord.gateway import DiscordWebSocket
+    from discord.http import Route
+
+    from bot.discord import DiscordAdapter
+    from tests.discord_emulator import DEFAULT_CHANNEL_ID, DiscordEmulator
+
+    old = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY  # DiscordAdapter sets both
+    emulator = DiscordEmulator()
+    await emulator.start()
+    port = free_port()
+    settings = make_settings(
+        DISCORD_TOKEN="test-token",
+        DISCORD_API_URL=emulator.api_url,
+        DISCORD_GATEWAY_URL=emulator.gateway_url,
+        CHATBOT_METRICS_PORT=str(port),
+    )
+    http = DiscordAdapter(redis, settings).client.http
+    typing = Route("POST", "/channels/{channel_id}/typing", channel_id=DEFAULT_CHANNEL_ID)
+    try:
+        async with serve_probes(settings):
+            await http.static_login("test-token")
+            before = await scrape(port)
+            emulator.rate_limit_next(f"POST /channels/{DEFAULT_CHANNEL_ID}/typing", 0.05)
+            await http.request(typing)  # retried once, then done
+            emulator.fail_next(f"POST /channels/{DEFAULT_CHANNEL_ID}/typing", status=403)
+            with pytest.raises(Exception, match="403"):
+                await http.request(typing)
+            after = await scrape(port)
+    finally:
+        await http.close()
+        await emulator.stop()
+        Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = old
+    method = {"platform": "discord", "method": "POST /channels/{channel_id}/typing"}
+    assert delta(before, after, "chatbot_platform_api_retries_total", **method) == 1
+    assert delta(before, after, "chatbot_platform_api_errors_total", **method) == 1
+    assert emulator.typing == [DEFAULT_CHANNEL_ID]
+
+
+@pytest.mark.slow
+def test_chatbot_run_serves_one_port_for_its_parts_with_json_logs(
+    tmp_path: Any, model_dir: Any
+) -> None:
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.processes import CHAT_PERSONA, chatbot, chatbot_env
+
+    port = free_port()
+    env = chatbot_env(
+        CHATBOT_DATA_DIR=str(tmp_path / "data"),
+        CHATBOT_MAX_NEW_TOKENS="16",
+        CHATBOT_METRICS_PORT=str(port),
+        CHATBOT_LOG_FORMAT="json",
+        **CHAT_PERSONA,
+    )
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def poll(condition: Any, what: str, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if condition():
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                pass  # not listening yet
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def samples() -> Samples:
+        found: Samples = {}
+        for family in text_string_to_metric_families(get("/metrics")[1]):
+            for sample in family.samples:
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return found
+
+    proc = chatbot(["run"], env, tmp_path, stdin=subprocess.PIPE)
+    try:
+        poll(lambda: get("/readyz")[0] == 200, "/readyz to say ready")
+        assert json.loads(get("/readyz")[1]) == {
+            "ready": True,
+            "checks": {"redis": "ok", "worker": "ok"},
+        }
+        assert proc.stdin is not None
+        proc.stdin.write("Hello, I am ann@example.com\nHow do I reset my password?\n")
+        proc.stdin.flush()
+        replies = ("chatbot_replies_total", (("kind", "answer"), ("platform", "console")))
+        poll(lambda: samples().get(replies) == 2, "two replies")
+        found = samples()
+        _out, err = proc.communicate("", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    console = {"platform": "console"}
+    assert value(found, "chatbot_messages_received_total", kind="queued", **console) == 2
+    assert value(found, "chatbot_time_to_first_token_seconds_count", **console) == 2
+    assert value(found, "chatbot_e2e_reply_seconds_count", **console) == 2
+    assert value(found, "chatbot_generation_tokens_total", **console) > 0
+    lines = [
+        json.loads(line) for line in (tmp_path / "data" / "chatbot.log").read_text().splitlines()
+    ]
+    generated = [line for line in lines if line["message"].startswith("generated ")]
+    assert len(generated) == 2
+    assert all(line["conversation"].startswith("console:") and line["jobs"] for line in generated)
+    assert "ann@example.com" not in (tmp_path / "data" / "chatbot.log").read_text()

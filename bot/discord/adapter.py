@@ -28,6 +28,7 @@ import yarl
 from discord import app_commands
 
 from bot.discord.commands import DiscordCommands
+from bot.discord.metrics import count_calls, http_trace
 from bot.discord.posting import PLATFORM, REPLY_MENTIONS, DiscordPoster
 from bot.discord.team import is_agent
 from bot.outbox import OutboxConsumer
@@ -95,7 +96,10 @@ class DiscordAdapter:
         self.queue = JobQueue(redis, self.keys)
         intents = discord.Intents.default()
         intents.message_content = True
-        self.client = _Client(self, intents=intents, allowed_mentions=REPLY_MENTIONS)
+        self.client = _Client(
+            self, intents=intents, allowed_mentions=REPLY_MENTIONS, http_trace=http_trace()
+        )
+        count_calls(self.client.http)  # failed and retried REST calls, in the metrics
         self.tree = app_commands.CommandTree(self.client)
         self.poster = DiscordPoster(self.client, redis, self.keys, settings.history_ttl_s)
         self.feedback = Feedback(redis, self.keys, settings.history_ttl_s)
