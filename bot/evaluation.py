@@ -25,6 +25,19 @@ KNOWLEDGE_TIMEOUT_S = 1800.0
 KnowledgeSet = tuple[Path, Path]  # (knowledge-base folder, question file)
 
 
+def dialogue_files(args: argparse.Namespace) -> list[Path]:
+    """`--data`, else the example company's held-out dialogues (a source checkout has them;
+    an installed package, e.g. a container image, does not)."""
+    if args.data:
+        return list(args.data)
+    if not EXAMPLE_HELD_OUT.is_file():
+        raise DataError(
+            f"no --data given and {EXAMPLE_HELD_OUT} does not exist here (an installed package "
+            "has no examples/): pass --data FILE with your held-out dialogues"
+        )
+    return [EXAMPLE_HELD_OUT]
+
+
 def progress(message: str, *args: Any) -> None:
     print(message % args if args else message, file=sys.stderr)
 
@@ -126,7 +139,7 @@ def print_figures(label: str, figures: dict[str, Any]) -> None:
 
 
 async def cmd_eval(settings: Settings, args: argparse.Namespace) -> int:
-    data = args.data or [EXAMPLE_HELD_OUT]
+    data = dialogue_files(args)
     knowledge = knowledge_set(args)
     specs = args.compare or [settings.model if args.model is None else args.model]
     results = [await evaluate_model(settings, spec, data, knowledge) for spec in specs]

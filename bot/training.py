@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from bot.evaluation import (
-    EXAMPLE_HELD_OUT,
     add_knowledge_arguments,
     cmd_eval,
+    dialogue_files,
     evaluate_model,
     knowledge_set,
     print_figures,
@@ -154,7 +154,7 @@ async def cmd_model_promote(settings: Settings, args: argparse.Namespace) -> int
     if not (candidate / "config.json").is_file():
         raise DataError(f"{args.directory}: not a model directory (no config.json)")
     weights_digest(candidate)  # a directory without weights fails here, before evaluating
-    data = args.data or [EXAMPLE_HELD_OUT]
+    data = dialogue_files(args)
     knowledge = knowledge_set(args)
     async with admin_redis(settings) as redis:
         registry = ModelRegistry(redis, Keys(settings.namespace))

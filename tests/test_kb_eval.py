@@ -158,3 +158,21 @@ def test_eval_reports_the_knowledge_answer_metrics(model_dir: Path, tmp_path: Pa
     assert knowledge["invented_numbers"] == 0 and knowledge["unsupported_sentences"] == 0
     assert 0 < knowledge["median_words"] <= 80
     assert "knowledge answers: facts 75.0%" in stdout
+
+
+def test_without_data_an_installed_package_asks_for_a_dialogue_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A container image has no examples/: eval and promote say to pass --data."""
+    import argparse
+
+    import bot.evaluation
+
+    assert bot.evaluation.dialogue_files(argparse.Namespace(data=None)) == [
+        bot.evaluation.EXAMPLE_HELD_OUT
+    ]
+    monkeypatch.setattr(bot.evaluation, "EXAMPLE_HELD_OUT", tmp_path / "absent.jsonl")
+    with pytest.raises(DataError, match="pass --data FILE"):
+        bot.evaluation.dialogue_files(argparse.Namespace(data=None))
+    given = [tmp_path / "mine.jsonl"]
+    assert bot.evaluation.dialogue_files(argparse.Namespace(data=given)) == given
