@@ -155,10 +155,11 @@ class DiscordAdapter:
 
     async def _store_when_possible(self, message: discord.Message, me: discord.ClientUser) -> None:
         give_up_at = time.monotonic() + SPOOL_PATIENCE_S
+        received_at = time.time()  # the reply's timings start here, however long Redis is away
         backoff = Backoff(f"storing Discord message {message.id}")
         while True:
             try:
-                await self._on_message(message, me, give_up_at)
+                await self._on_message(message, me, give_up_at, received_at)
                 backoff.succeeded()
                 return
             except TRANSIENT_ERRORS as exc:
@@ -180,7 +181,11 @@ class DiscordAdapter:
             await message.reply(text, allowed_mentions=REPLY_MENTIONS)
 
     async def _on_message(
-        self, message: discord.Message, me: discord.ClientUser, give_up_at: float
+        self,
+        message: discord.Message,
+        me: discord.ClientUser,
+        give_up_at: float,
+        received_at: float,
     ) -> None:
         conversation = await self._conversation_for(message, me)
         if conversation is None:
@@ -197,6 +202,7 @@ class DiscordAdapter:
             direct=message.guild is None,
             is_agent=lambda: is_agent(self.workspaces, self.client, message.author, guild),
             give_up_after_s=max(give_up_at - time.monotonic(), 0.0),
+            received_at=received_at,
         )
         if submission.reply_text:  # rejected, rate-limited or busy: say so at once
             await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
@@ -213,6 +219,7 @@ class DiscordAdapter:
         dedupe_id: str | None = None,
         give_up_after_s: float | None = None,
         is_agent: Callable[[], Awaitable[bool]] | None = None,
+        received_at: float | None = None,
     ) -> Submission:
         """Store and enqueue a user's message; show typing until it is answered.
 
@@ -230,6 +237,7 @@ class DiscordAdapter:
             give_up_after_s=give_up_after_s,
             direct=direct,
             is_agent=is_agent,
+            received_at=received_at,
         )
         if submission.outcome is Outcome.QUEUED:
             self._show_typing(channel, conversation, submission.seq)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -143,6 +144,7 @@ class SlackAdapter(SlackCommands):
     ) -> None:
         """Store and enqueue a user's message. Redis errors after `give_up_after_s` are
         raised: for an event, bolt answers 500 and Slack delivers it again."""
+        received_at = time.time()  # before the name lookup: the reply's timings start here
         user = event["user"]
         text = _MENTION.sub(
             lambda m: "" if m.group(1) == context.bot_user_id else m.group(0),
@@ -162,6 +164,7 @@ class SlackAdapter(SlackCommands):
             max_chars=self.settings.max_message_chars,
             give_up_after_s=give_up_after_s,
             direct=event.get("channel_type") == "im",
+            received_at=received_at,
         )
         # Stored: the rest must not hold up the acknowledgement.
         if submission.reply_text:  # rejected, rate-limited or busy: say so at once
