@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 async def server_config_findings(redis: Redis) -> list[str]:
     """One line per problem found (or per server that could not be checked)."""
     findings = []
+    behind_sentinel = not is_cluster(redis) and bool(
+        getattr(redis.connection_pool, "service_name", None)
+    )
     for where, config in await _configs(redis):
         if config is None:
             findings.append(
@@ -42,6 +45,13 @@ async def server_config_findings(redis: Redis) -> list[str]:
                 "a restart of Redis loses every queued message and conversation (set "
                 "appendonly yes)"
             )
+        if behind_sentinel and config.get("min-replicas-to-write", "0") == "0":
+            findings.append(
+                f"Redis at {where} (behind Sentinel) has min-replicas-to-write 0: in a "
+                "failover the old master keeps taking writes that are then thrown away, so "
+                "messages can be lost and replies posted twice (set min-replicas-to-write 1 "
+                "with one replica: writes then wait out a failover instead of being lost)"
+            )
     return findings
 
 
@@ -58,7 +68,7 @@ async def log_server_config(redis: Redis) -> None:
 
 async def _configs(redis: Redis) -> list[tuple[str, dict[str, str] | None]]:
     """(server, its settings; None when CONFIG GET is refused) for each primary."""
-    names = ("maxmemory-policy", "appendonly", "save")
+    names = ("maxmemory-policy", "appendonly", "save", "min-replicas-to-write")
     if is_cluster(redis):
         cluster: Any = redis
         found = []

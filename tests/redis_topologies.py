@@ -159,7 +159,7 @@ def start_cluster(root: Path, masters: int = 3, timeout_s: float = 60.0) -> Clus
 class SentinelSetup:
     servers: Servers
     master_port: int
-    replica_port: int
+    replica_ports: list[int]
     sentinel_ports: list[int]
 
     @property
@@ -202,7 +202,8 @@ class SentinelSetup:
                 info = client.info("replication")
             finally:
                 client.close()
-            if info["role"] != "master" or int(info["connected_slaves"]) < 1:
+            replicas_wanted = len(self.replica_ports)
+            if info["role"] != "master" or int(info["connected_slaves"]) < replicas_wanted:
                 return False
             for port in self.sentinel_ports:
                 sentinel = redis.Redis(port=port, decode_responses=True)
@@ -220,18 +221,25 @@ class SentinelSetup:
                     if "s_down" not in str(r.get("flags", ""))
                     and r.get("master-link-status") == "ok"
                 ]
-                if not good:
+                if len(good) < replicas_wanted:
                     return False
             return True
 
         wait_until(settled, timeout_s, "the sentinels to know the master and its replica")
 
 
-def start_sentinel(root: Path, sentinels: int = 3, timeout_s: float = 60.0) -> SentinelSetup:
-    """A master (password, AOF, `min-replicas-to-write 1`), one replica, `sentinels`
+def start_sentinel(
+    root: Path,
+    sentinels: int = 3,
+    timeout_s: float = 60.0,
+    min_replicas_to_write: int = 1,
+    replicas: int = 1,
+) -> SentinelSetup:
+    """A master (password, AOF, `min-replicas-to-write 1`), its replicas, `sentinels`
     sentinels (quorum 2) that fail over after 2 s of silence."""
     servers = Servers(root)
-    master, replica = free_port(), free_port()
+    master = free_port()
+    replica_ports = [free_port() for _ in range(replicas)]
     sentinel_ports = [free_port() for _ in range(sentinels)]
     # A master refuses writes while no replica is in sync: a demoted master then answers
     # NOREPLICAS instead of taking writes the failover would throw away.
@@ -241,12 +249,13 @@ def start_sentinel(root: Path, sentinels: int = 3, timeout_s: float = 60.0) -> S
         "--masterauth",
         SENTINEL_PASSWORD,
         "--min-replicas-to-write",
-        "1",
+        str(min_replicas_to_write),
         "--min-replicas-max-lag",
         "10",
     ]
     try:
-        for port, extra in ((master, []), (replica, ["--replicaof", "127.0.0.1", str(master)])):
+        follow = ["--replicaof", "127.0.0.1", str(master)]
+        for port, extra in [(master, []), *((r, follow) for r in replica_ports)]:
             data = root / f"data-{port}"
             data.mkdir(parents=True, exist_ok=True)
             servers.start(f"data-{port}", [*_server_args(port, data), *common, *extra])
@@ -263,7 +272,7 @@ def start_sentinel(root: Path, sentinels: int = 3, timeout_s: float = 60.0) -> S
                 f"sentinel parallel-syncs {SENTINEL_MASTER} 1\n"
             )
             servers.start(f"sentinel-{port}", [str(config), "--sentinel"])
-        setup = SentinelSetup(servers, master, replica, sentinel_ports)
+        setup = SentinelSetup(servers, master, replica_ports, sentinel_ports)
         setup.wait_settled(timeout_s)
     except BaseException:
         servers.stop()

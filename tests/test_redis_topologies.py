@@ -418,7 +418,13 @@ async def test_sentinel_failover_in_the_middle_of_traffic(
         conversations = [ConversationKey("slack", "T1", f"C{n}", f"t{n}") for n in range(8)]
         traffic = Traffic(conversations, rounds=8)
         try:
-            assert await pipeline.users_redis.ping()
+            assert await server_config_findings(pipeline.users_redis) == []
+            master = setup.data_client(setup.master_port)
+            master.config_set("min-replicas-to-write", 0)
+            [finding] = await server_config_findings(pipeline.users_redis)
+            assert "the master mymaster (behind Sentinel) has min-replicas-to-write 0" in finding
+            master.config_set("min-replicas-to-write", 1)
+            master.close()
             await pipeline.start(traffic)
             failed_over: dict[str, float] = {}
 
@@ -431,9 +437,9 @@ async def test_sentinel_failover_in_the_middle_of_traffic(
                 await asyncio.to_thread(setup.failover)
                 await asyncio.to_thread(
                     wait_until,
-                    lambda: setup.master_address()[1] == setup.replica_port,
+                    lambda: setup.master_address()[1] in setup.replica_ports,
                     60,
-                    "the sentinels to promote the replica",
+                    "the sentinels to promote a replica",
                 )
                 failed_over["promoted"] = time.monotonic()
 
@@ -444,7 +450,13 @@ async def test_sentinel_failover_in_the_middle_of_traffic(
             started = time.monotonic()
             await asyncio.gather(fail_over_midway(), *users)
             elapsed_s = time.monotonic() - started
-            assert setup.role(setup.replica_port) == "master"
+            assert setup.role(setup.master_address()[1]) == "master"
+            await asyncio.to_thread(
+                wait_until,
+                lambda: setup.role(setup.master_port) == "slave",
+                60,
+                "the old master to follow the new one",
+            )
             traffic.assert_each_answered_once()
             at = failed_over["at"]
             sent_after = [mid for mid, sent in traffic.sent_at.items() if sent >= at]
