@@ -16,8 +16,14 @@ from typing import Any, TypeVar, cast
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.redis_url import RedisTarget, Topology, parse_redis_url
@@ -26,7 +32,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Redis = aioredis.Redis
-TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# Redis Cluster adds its own: a slot whose primary is failing over (CLUSTERDOWN, TRYAGAIN,
+# a slot no node serves for a moment).
+TRANSIENT_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
 # Above every BLOCK this project asks of XREAD/XREADGROUP (1 s at most): a blocking read
 # must end before the socket gives up on it (redis-py 8 defaults to 5 s).
 SOCKET_TIMEOUT_S = 10.0
@@ -93,7 +109,7 @@ def connect(url: str) -> Redis:
         return _sentinel_master(target, options)
     if target.topology is Topology.CLUSTER:
         nodes = [ClusterNode(host, port) for host, port in target.nodes]
-        cluster = RedisCluster(
+        cluster = _Cluster(
             startup_nodes=nodes, username=target.username, password=target.password, **options
         )
         return cast(Redis, cluster)
@@ -102,6 +118,19 @@ def connect(url: str) -> Redis:
 
 def is_cluster(redis: Redis) -> bool:
     return isinstance(redis, RedisCluster)
+
+
+class _Cluster(RedisCluster):
+    """A RedisCluster whose "no start-up node answers" is a ConnectionError, like any
+    other unreachable Redis, so that the retries wait for the cluster to come up."""
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            if isinstance(exc.__cause__, TRANSIENT_ERRORS):
+                raise RedisConnectionError(str(exc)) from exc
+            raise
 
 
 class _MasterConnection(SentinelManagedConnection):

@@ -104,13 +104,20 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        return cluster_url(self.ports)
 
 
-def start_cluster(root: Path, masters: int = 3, timeout_s: float = 60.0) -> Cluster:
-    """`masters` cluster nodes, joined by `redis-cli --cluster create`, slots all served."""
+def cluster_url(ports: list[int]) -> str:
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+
+
+def start_cluster(
+    root: Path, masters: int = 3, timeout_s: float = 60.0, ports: list[int] | None = None
+) -> Cluster:
+    """`masters` cluster nodes (on `ports`, else free ones), joined by `redis-cli --cluster
+    create`, every slot served."""
     servers = Servers(root)
-    ports = [cluster_port() for _ in range(masters)]
+    ports = ports or [cluster_port() for _ in range(masters)]
     try:
         for port in ports:
             data = root / f"node-{port}"

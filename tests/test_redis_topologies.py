@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.outbox import OutboxConsumer, PostedParts
 from core.conversation import ConversationKey, Reply
@@ -27,7 +28,7 @@ from core.jobs import JobQueue
 from core.keys import Keys
 from core.knowledge.store import KnowledgeBaseStore
 from core.redis_checks import log_server_config, server_config_findings
-from core.redis_conn import Redis, connect
+from core.redis_conn import Redis, connect, with_retry
 from core.redis_server import free_port
 from core.redis_url import Topology, parse_redis_url
 from core.settings import Settings
@@ -38,6 +39,8 @@ from tests.helpers import wait_for
 from tests.processes import chatbot, chatbot_env
 from tests.redis_topologies import (
     Servers,
+    cluster_port,
+    cluster_url,
     ping_port,
     start_cluster,
     start_sentinel,
@@ -287,8 +290,16 @@ async def test_cluster_pipeline_across_slots_and_operator_scans(
     embedder: Any,
     namespace: str,
 ) -> None:
-    cluster = start_cluster(tmp_path / "cluster")
+    ports = [cluster_port() for _ in range(3)]
+    early = connect(cluster_url(ports))  # a client of a cluster not up yet: it waits
+    with pytest.raises(RedisConnectionError, match="Redis Cluster cannot be connected"):
+        await early.ping()
+    cluster = start_cluster(tmp_path / "cluster", ports=ports)
     try:
+        assert await with_retry(
+            "waiting for the cluster", early.ping, give_up_at=time.monotonic() + 30
+        )
+        await early.aclose()
         settings = topology_settings(make_settings, cluster.url)
         keys = Keys(settings.namespace)
         pipeline = Pipeline(cluster.url, settings, tiny_engine, "slack")
