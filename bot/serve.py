@@ -149,9 +149,17 @@ async def serve_discord(
 ) -> None:
     from bot.discord import DiscordAdapter
 
+    adapter = DiscordAdapter(redis, settings)
     if probes is not None:
-        probes.check("discord", outbox_group(redis, Keys(settings.namespace), "discord"))
-    await DiscordAdapter(redis, settings).serve(stop)
+        outbox_ready = outbox_group(redis, Keys(settings.namespace), "discord")
+
+        async def ready() -> str | None:
+            if not adapter.client.is_ready():
+                return "not connected to the Discord gateway yet"
+            return await outbox_ready()
+
+        probes.check("discord", ready)
+    await adapter.serve(stop)
 
 
 async def serve_console(

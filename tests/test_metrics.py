@@ -30,7 +30,7 @@ from core.settings import Settings
 from core.worker import Worker
 from tests.helpers import RecordingEngine, ScriptedEngine, echo_answer, submit, wait_for
 from tests.slack_emulator import SlackEmulator, app_mention, event_callback, post_event
-from tests.test_slack import SECRET, Harness, close, make_harness
+from tests.test_slack import SECRET, TEAM, Harness, close, make_harness
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -111,16 +111,17 @@ async def test_counters_and_histograms_after_a_known_number_of_messages(
         # a question the engine fails on.
         mentions = [app_mention(f"<@UBOT> question {i}?", channel="C1") for i in range(4)]
         poison = app_mention("<@UBOT> POISON", user="U2", channel="C2")
-        assert (await slack.send(mentions[0]))[0] == 200
-        retry = event_callback(mentions[0])
-        assert (await post_event(slack.url, SECRET, retry, retry_num=1))[0] == 200
-        for event in [*mentions[1:], poison]:
-            assert (await slack.send(event))[0] == 200
-        for i, mention in enumerate(mentions[:3]):
-            await slack.wait_thread(
-                "C1", mention["ts"], lambda t, i=i: f"Answer to: question {i}?" in t
-            )
-        await slack.wait_thread("C2", poison["ts"], lambda t: POLITE_FAILURE in t)
+        with json_log("core") as log_lines:
+            assert (await slack.send(mentions[0]))[0] == 200
+            retry = event_callback(mentions[0])
+            assert (await post_event(slack.url, SECRET, retry, retry_num=1))[0] == 200
+            for event in [*mentions[1:], poison]:
+                assert (await slack.send(event))[0] == 200
+            for i, mention in enumerate(mentions[:3]):
+                await slack.wait_thread(
+                    "C1", mention["ts"], lambda t, i=i: f"Answer to: question {i}?" in t
+                )
+            await slack.wait_thread("C2", poison["ts"], lambda t: POLITE_FAILURE in t)
 
         async def settled() -> bool:
             samples = await scrape(port)
@@ -153,6 +154,15 @@ async def test_counters_and_histograms_after_a_known_number_of_messages(
     assert value(after, "chatbot_queue_depth") == 0
     assert value(after, "chatbot_queue_oldest_pending_seconds") == 0
     assert value(after, "chatbot_batch_size") == 0
+    # The log lines of the adapter's intake and of the worker name their conversation.
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    [refused] = [line for line in lines if "past CHATBOT_USER_RATE" in line["message"]]
+    assert refused["conversation"] == ConversationKey("slack", TEAM, "C1", mentions[3]["ts"]).id
+    generated = [line for line in lines if line["message"].startswith("generated ")]
+    threads = [ConversationKey("slack", TEAM, "C1", m["ts"]).id for m in mentions[:3]]
+    threads.append(ConversationKey("slack", TEAM, "C2", poison["ts"]).id)
+    assert sorted(line["conversation"] for line in generated) == sorted(threads)
+    assert all(len(line["jobs"]) == 1 for line in generated)
 
 
 class GatedEngine(ScriptedEngine):
@@ -525,3 +535,49 @@ def test_chatbot_run_serves_one_port_for_its_parts_with_json_logs(
     assert len(generated) == 2
     assert all(line["conversation"].startswith("console:") and line["jobs"] for line in generated)
     assert "ann@example.com" not in (tmp_path / "data" / "chatbot.log").read_text()
+
+
+async def test_a_discord_adapter_is_ready_once_connected_to_the_gateway(
+    redis: Any, make_settings: Any
+) -> None:
+    from discord.gateway import DiscordWebSocket
+    from discord.http import Route
+
+    from bot import serve
+    from tests.discord_emulator import DiscordEmulator
+
+    old = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY  # DiscordAdapter sets both
+    emulator = DiscordEmulator(heartbeat_interval_ms=1000)
+    await emulator.start()
+    port = free_port()
+    settings = make_settings(
+        DISCORD_TOKEN="test-token",
+        DISCORD_API_URL=emulator.api_url,
+        DISCORD_GATEWAY_URL=emulator.gateway_url,
+        CHATBOT_METRICS_PORT=str(port),
+    )
+    stop = asyncio.Event()
+    emulator.pause_gateway()  # the adapter's connection waits before HELLO
+    try:
+        async with serve_probes(settings, stop, ["discord"]) as probes:
+            probes.connected(redis)
+            adapter = asyncio.create_task(serve.serve_discord(settings, redis, stop, probes))
+
+            async def connecting() -> bool:
+                status, body = await readyz(port)
+                why = body["checks"]["discord"]
+                return status == 503 and why == "not connected to the Discord gateway yet"
+
+            await wait_for(connecting, 20, "/readyz to wait for the gateway")
+            emulator.resume_gateway()
+
+            async def ready() -> bool:
+                return (await readyz(port))[0] == 200
+
+            await wait_for(ready, 30, "/readyz to say ready")
+            assert (await readyz(port))[1]["checks"] == {"redis": "ok", "discord": "ok"}
+            stop.set()
+            await adapter
+    finally:
+        await emulator.stop()
+        Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = old

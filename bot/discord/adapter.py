@@ -32,6 +32,7 @@ from bot.discord.metrics import count_calls, http_trace
 from bot.discord.posting import PLATFORM, REPLY_MENTIONS, DiscordPoster
 from bot.discord.team import is_agent
 from bot.outbox import OutboxConsumer
+from core.context import handling
 from core.conversation import ConversationKey
 from core.errors import SettingsError
 from core.inbound import Outcome, Submission, submit_user_message
@@ -193,19 +194,21 @@ class DiscordAdapter:
         text = re.sub(rf"<@!?{me.id}>", "", message.content)
         # Only the support team's words count as an agent's (and only during a handoff).
         guild = str(message.guild.id) if message.guild else None
-        submission = await self.submit(
-            conversation,
-            message.channel,
-            message.author,
-            text,
-            str(message.id),
-            direct=message.guild is None,
-            is_agent=lambda: is_agent(self.workspaces, self.client, message.author, guild),
-            give_up_after_s=max(give_up_at - time.monotonic(), 0.0),
-            received_at=received_at,
-        )
-        if submission.reply_text:  # rejected, rate-limited or busy: say so at once
-            await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
+        # In every log line about this message, and in the typing task it starts.
+        with handling(conversation.id, received_at=received_at):
+            submission = await self.submit(
+                conversation,
+                message.channel,
+                message.author,
+                text,
+                str(message.id),
+                direct=message.guild is None,
+                is_agent=lambda: is_agent(self.workspaces, self.client, message.author, guild),
+                give_up_after_s=max(give_up_at - time.monotonic(), 0.0),
+                received_at=received_at,
+            )
+            if submission.reply_text:  # rejected, rate-limited or busy: say so at once
+                await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
 
     async def submit(
         self,

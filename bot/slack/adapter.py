@@ -32,6 +32,7 @@ from bot.outbox import OutboxConsumer
 from bot.slack.commands import INBOUND_PATIENCE_S, SlackCommands
 from bot.slack.posting import SlackPoster, web_client
 from bot.slack.requests import reject_malformed
+from core.context import handling
 from core.conversation import ConversationKey
 from core.errors import SettingsError
 from core.inbound import Outcome, submit_user_message
@@ -145,6 +146,18 @@ class SlackAdapter(SlackCommands):
         """Store and enqueue a user's message. Redis errors after `give_up_after_s` are
         raised: for an event, bolt answers 500 and Slack delivers it again."""
         received_at = time.time()  # before the name lookup: the reply's timings start here
+        # In every log line about this event, and in the tasks it starts.
+        with handling(conversation.id, received_at=received_at):
+            await self._take_in(conversation, event, context, give_up_after_s, received_at)
+
+    async def _take_in(
+        self,
+        conversation: ConversationKey,
+        event: dict[str, Any],
+        context: AsyncBoltContext,
+        give_up_after_s: float | None,
+        received_at: float,
+    ) -> None:
         user = event["user"]
         text = _MENTION.sub(
             lambda m: "" if m.group(1) == context.bot_user_id else m.group(0),
