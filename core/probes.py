@@ -6,7 +6,8 @@ probes of an orchestrator (Kubernetes, compose health checks).
   `{"ready": bool, "checks": {name: "ok" | why not}}`. Always checked: Redis answers, and
   the process is not stopping (SIGTERM: in-flight work drains, new traffic should go
   elsewhere). A worker is ready once its model is loaded and it has joined the job
-  consumer group; an adapter once its outbox consumer group exists. `chatbot run` is one process
+  consumer group; an adapter once its outbox consumer group exists (Discord: and it has
+  connected to the gateway). `chatbot run` is one process
   with one server: its parts' checks all count.
 - `/metrics`: the process's metrics (`core.metrics`), the queue gauges read from Redis
   first, in the Prometheus text format.
