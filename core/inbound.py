@@ -142,7 +142,13 @@ async def _submit(
             "message %s in %s shortened to %d characters", message_id, conversation.id, max_chars
         )
     agent = handoff is not None and is_agent is not None and await is_agent()
-    if handoff is None:
+    dedupe = dedupe_id or message_id
+    # A platform's retry of a message admitted before is not a new message: it must not
+    # count against the user's rate, nor be refused because the queue has filled since.
+    retried = await retry(
+        "checking for a retry", lambda: store.redis.exists(store.keys.seen(conversation, dedupe))
+    )
+    if handoff is None and not retried:
         refused = await _admission(store, queue, conversation, author_id, retry)
         if refused is not None:
             return refused
@@ -159,7 +165,7 @@ async def _submit(
         queue,
         conversation,
         message,
-        dedupe_id or message_id,
+        dedupe,
         handoff is not None,
         retry,
         received_at,

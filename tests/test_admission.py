@@ -72,6 +72,23 @@ async def test_a_flooding_user_is_told_once_and_others_still_get_in(
     assert stats.counts["rate_limited"] == 3
 
 
+async def test_a_platform_retry_neither_counts_against_the_rate_nor_meets_a_full_queue(
+    redis: Any, make_settings: Any
+) -> None:
+    settings = make_settings(CHATBOT_USER_RATE="2/min", CHATBOT_MAX_QUEUED_JOBS="2")
+    first = await submit(redis, settings, A, "my question", "a1", author="u1")
+    retried = await submit(redis, settings, A, "my question", "a1", author="u1")
+    assert (first.outcome, retried.outcome) == (Outcome.QUEUED, Outcome.DUPLICATE)
+    second = await submit(redis, settings, A, "and another", "a2", author="u1")
+    assert second.outcome is Outcome.QUEUED  # the retry did not use the second place
+    # The queue is now full (2 jobs): a retry of a message already in it is still no refusal.
+    again = await submit(redis, settings, A, "and another", "a2", author="u1")
+    assert again.outcome is Outcome.DUPLICATE
+    third = await submit(redis, settings, A, "a third one", "a3", author="u1")
+    assert third.outcome is Outcome.BUSY
+    assert len(await make_store(redis, settings).history(A)) == 2
+
+
 async def test_listed_mode_serves_only_the_workspaces_an_operator_set_up(
     redis: Any, make_settings: Any
 ) -> None:

@@ -106,10 +106,10 @@ async def test_counters_and_histograms_after_a_known_number_of_messages(
 
         await wait_for(ready, 20, "/readyz to say ready")
         before = await scrape(port)
-        # U1 (4 messages an hour): a question, Slack's retry of it (a duplicate, which
-        # counts against the rate too), two more questions and a fourth one, refused. U2:
-        # a question the engine fails on.
-        mentions = [app_mention(f"<@UBOT> question {i}?", channel="C1") for i in range(4)]
+        # U1 (4 messages an hour): a question, Slack's retry of it (a duplicate, which does
+        # not count against the rate), three more questions and a fifth one, refused. U2: a
+        # question the engine fails on.
+        mentions = [app_mention(f"<@UBOT> question {i}?", channel="C1") for i in range(5)]
         poison = app_mention("<@UBOT> POISON", user="U2", channel="C2")
         with json_log("core") as log_lines:
             assert (await slack.send(mentions[0]))[0] == 200
@@ -117,7 +117,7 @@ async def test_counters_and_histograms_after_a_known_number_of_messages(
             assert (await post_event(slack.url, SECRET, retry, retry_num=1))[0] == 200
             for event in [*mentions[1:], poison]:
                 assert (await slack.send(event))[0] == 200
-            for i, mention in enumerate(mentions[:3]):
+            for i, mention in enumerate(mentions[:4]):
                 await slack.wait_thread(
                     "C1", mention["ts"], lambda t, i=i: f"Answer to: question {i}?" in t
                 )
@@ -127,7 +127,7 @@ async def test_counters_and_histograms_after_a_known_number_of_messages(
             samples = await scrape(port)
             return value(samples, "chatbot_queue_depth") == 0 and (
                 delta(before, samples, "chatbot_replies_total", platform="slack", kind="answer")
-                == 3
+                == 4
             )
 
         await wait_for(settled, 20, "the jobs to be acknowledged")
@@ -136,20 +136,20 @@ async def test_counters_and_histograms_after_a_known_number_of_messages(
     def received(kind: str) -> float:
         return delta(before, after, "chatbot_messages_received_total", platform="slack", kind=kind)
 
-    assert received("queued") == 4
+    assert received("queued") == 5
     assert received("rate_limited") == 1
     assert received("duplicate") == 1
     assert delta(before, after, "chatbot_rate_limited_total", platform="slack") == 1
-    assert delta(before, after, "chatbot_replies_total", platform="slack", kind="answer") == 3
+    assert delta(before, after, "chatbot_replies_total", platform="slack", kind="answer") == 4
     assert delta(before, after, "chatbot_replies_total", platform="slack", kind="apology") == 1
     assert delta(before, after, "chatbot_dead_letters_total", platform="slack", kind="job") == 1
     # ScriptedEngine counts one token per generated reply; the poisoned one made none.
-    assert delta(before, after, "chatbot_generation_tokens_total", platform="slack") == 3
+    assert delta(before, after, "chatbot_generation_tokens_total", platform="slack") == 4
     # Every reply is timed from the adapter's receipt, the apology too.
     ttft = "chatbot_time_to_first_token_seconds"
-    assert delta(before, after, f"{ttft}_count", platform="slack") == 4
-    assert delta(before, after, "chatbot_e2e_reply_seconds_count", platform="slack") == 4
-    assert delta(before, after, f"{ttft}_bucket", platform="slack", le="2560.0") == 4
+    assert delta(before, after, f"{ttft}_count", platform="slack") == 5
+    assert delta(before, after, "chatbot_e2e_reply_seconds_count", platform="slack") == 5
+    assert delta(before, after, f"{ttft}_bucket", platform="slack", le="2560.0") == 5
     assert delta(before, after, f"{ttft}_sum", platform="slack") > 0
     assert value(after, "chatbot_queue_depth") == 0
     assert value(after, "chatbot_queue_oldest_pending_seconds") == 0
@@ -157,9 +157,9 @@ async def test_counters_and_histograms_after_a_known_number_of_messages(
     # The log lines of the adapter's intake and of the worker name their conversation.
     lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
     [refused] = [line for line in lines if "past CHATBOT_USER_RATE" in line["message"]]
-    assert refused["conversation"] == ConversationKey("slack", TEAM, "C1", mentions[3]["ts"]).id
+    assert refused["conversation"] == ConversationKey("slack", TEAM, "C1", mentions[4]["ts"]).id
     generated = [line for line in lines if line["message"].startswith("generated ")]
-    threads = [ConversationKey("slack", TEAM, "C1", m["ts"]).id for m in mentions[:3]]
+    threads = [ConversationKey("slack", TEAM, "C1", m["ts"]).id for m in mentions[:4]]
     threads.append(ConversationKey("slack", TEAM, "C2", poison["ts"]).id)
     assert sorted(line["conversation"] for line in generated) == sorted(threads)
     assert all(len(line["jobs"]) == 1 for line in generated)
