@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import SettingsError
+from core.redis_url import parse_redis_url
 
 # Kept short and concrete: the bundled 135M model echoes long lists of prohibitions back at
 # the customer ("as an AI I don't have personal data…"). Facts come from the knowledge base.
@@ -71,10 +72,7 @@ def _device(name: str, raw: str) -> str:
 
 
 def _redis_url(name: str, raw: str) -> str:
-    value = raw.strip()
-    if not re.match(r"^(redis|rediss|unix)://", value):
-        raise SettingsError(f"{name}={raw!r} must start with redis://, rediss:// or unix://")
-    return value
+    return parse_redis_url(raw, name).url  # one Redis, Sentinel or Cluster (core.redis_url)
 
 
 def _http_url(name: str, raw: str) -> str:
