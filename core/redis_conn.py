@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -124,6 +125,17 @@ class _Cluster(RedisCluster):
     """A RedisCluster whose "no start-up node answers" is a ConnectionError, like any
     other unreachable Redis, so that the retries wait for the cluster to come up."""
 
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # redis-py 8.1 closes every connection of the client on CLUSTERDOWN, also those
+        # other tasks are writing on: their write then fails with AttributeError or
+        # TypeError instead of ConnectionError (redis-py issues 3546, 4287). It is one.
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (AttributeError, TypeError) as exc:
+            if not _raised_in_redis_connection(exc):
+                raise
+            raise RedisConnectionError(f"connection closed during a write ({exc})") from exc
+
     async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
         try:
             return await super().initialize(*args, **kwargs)
@@ -131,6 +143,13 @@ class _Cluster(RedisCluster):
             if isinstance(exc.__cause__, TRANSIENT_ERRORS):
                 raise RedisConnectionError(str(exc)) from exc
             raise
+
+
+def _raised_in_redis_connection(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(
+        ("redis/asyncio/connection.py", "asyncio/streams.py", "asyncio/selector_events.py")
+    )
 
 
 class _MasterConnection(SentinelManagedConnection):

@@ -57,6 +57,7 @@ class Servers:
 
     root: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    by_name: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         data = self.root / name
@@ -66,6 +67,7 @@ class Servers:
             ["redis-server", *args], cwd=data, stdout=log, stderr=subprocess.STDOUT
         )
         self.processes.append(process)
+        self.by_name[name] = process
         return process
 
     def stop(self) -> None:
@@ -106,18 +108,46 @@ class Cluster:
     def url(self) -> str:
         return cluster_url(self.ports)
 
+    def role(self, port: int) -> str:
+        return str(_replication(port)["role"])
+
+    def primary_of(self, replica: int) -> int:
+        return int(str(_replication(replica)["master_port"]))
+
+    def kill(self, port: int) -> None:
+        """SIGKILL a node: its replica takes over once the others deem it failed."""
+        process = self.servers.by_name[f"node-{port}"]
+        process.kill()
+        process.wait()
+
+    def replicas(self) -> list[int]:
+        return [p for p in self.ports if self.role(p) == "slave"]
+
+    def failover(self, replica: int) -> None:
+        """A manual failover (CLUSTER FAILOVER): the replica takes over its primary's
+        slots once it has caught up with it; the primary pauses its clients meanwhile."""
+        client = redis.Redis(port=replica, decode_responses=True)
+        try:
+            client.execute_command("CLUSTER FAILOVER")
+        finally:
+            client.close()
+
 
 def cluster_url(ports: list[int]) -> str:
     return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
 
 
 def start_cluster(
-    root: Path, masters: int = 3, timeout_s: float = 60.0, ports: list[int] | None = None
+    root: Path,
+    masters: int = 3,
+    timeout_s: float = 60.0,
+    ports: list[int] | None = None,
+    replicas: int = 0,
 ) -> Cluster:
-    """`masters` cluster nodes (on `ports`, else free ones), joined by `redis-cli --cluster
-    create`, every slot served."""
+    """`masters` cluster primaries with `replicas` replicas each (on `ports`, else free
+    ones), joined by `redis-cli --cluster create`, every slot served, replicas in sync."""
     servers = Servers(root)
-    ports = ports or [cluster_port() for _ in range(masters)]
+    ports = ports or [cluster_port() for _ in range(masters * (1 + replicas))]
     try:
         for port in ports:
             data = root / f"node-{port}"
@@ -143,7 +173,7 @@ def start_cluster(
                 "create",
                 *(f"127.0.0.1:{p}" for p in ports),
                 "--cluster-replicas",
-                "0",
+                str(replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -156,10 +186,17 @@ def start_cluster(
                 timeout_s,
                 f"cluster_state:ok on {port}",
             )
+        cluster = Cluster(servers, ports)
+        for port in cluster.replicas():
+            wait_until(
+                lambda p=port: _replication(p).get("master_link_status") == "up",
+                timeout_s,
+                f"replica {port} to be in sync",
+            )
     except BaseException:
         servers.stop()
         raise
-    return Cluster(servers, ports)
+    return cluster
 
 
 @dataclass
@@ -291,6 +328,14 @@ def ping_port(port: int) -> bool:
     client = redis.Redis(port=port, socket_connect_timeout=1)
     try:
         return bool(client.ping())
+    finally:
+        client.close()
+
+
+def _replication(port: int) -> dict[str, object]:
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        return dict(client.info("replication"))
     finally:
         client.close()
 

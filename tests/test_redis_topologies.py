@@ -493,3 +493,68 @@ async def test_sentinel_failover_in_the_middle_of_traffic(
             await pipeline.stop()
     finally:
         setup.servers.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["manual failover", "primary SIGKILLed"])
+async def test_cluster_failover_in_the_middle_of_traffic(
+    how: str, tmp_path: Path, make_settings: Any, tiny_engine: TransformersEngine
+) -> None:
+    cluster = start_cluster(tmp_path / "cluster", replicas=1)
+    try:
+        settings = topology_settings(make_settings, cluster.url)
+        keys = Keys(settings.namespace)
+        pipeline = Pipeline(cluster.url, settings, tiny_engine, "slack")
+        redis: Any = pipeline.users_redis
+        try:
+            await redis.ping()
+            conversations = conversations_on_every_node(redis, keys, 9)
+            traffic = Traffic(conversations, rounds=6)
+            replica = cluster.replicas()[0]
+            await pipeline.start(traffic)
+            failed_over: dict[str, float] = {}
+
+            async def fail_over_midway() -> None:
+                async def a_third_answered() -> bool:
+                    return len(traffic.posted) >= traffic.messages // 3
+
+                await wait_for(a_third_answered, timeout_s=180, what="a third of the replies")
+                failed_over["at"] = time.monotonic()
+                if how == "manual failover":  # graceful: the replica catches up first
+                    await asyncio.to_thread(cluster.failover, replica)
+                else:  # the others deem it failed after cluster-node-timeout (5 s)
+                    await asyncio.to_thread(cluster.kill, cluster.primary_of(replica))
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: cluster.role(replica) == "master",
+                    60,
+                    f"replica {replica} to take over its primary's slots",
+                )
+                failed_over["promoted"] = time.monotonic()
+
+            users = [traffic.user(i, redis, settings, 180) for i in range(len(conversations))]
+            started = time.monotonic()
+            await asyncio.gather(fail_over_midway(), *users)
+            elapsed_s = time.monotonic() - started
+            traffic.assert_each_answered_once()
+            moved = {redis.get_node_from_key(keys.history(c)).port for c in conversations}
+            assert replica in moved  # the client follows the slots to the new primary
+            at = failed_over["at"]
+            times = [at, *(t for t in traffic.post_times if t >= at)]
+            log.warning(
+                "cluster, %s: %d messages in %d conversations, 1 failover (replica took "
+                "over after %.1f s), longest time without a reply from the failover on "
+                "%.1f s, %d lost, %d duplicates, %.1f s in all",
+                how,
+                traffic.messages,
+                len(conversations),
+                failed_over["promoted"] - at,
+                max(b - a for a, b in itertools.pairwise(times)),
+                len(traffic.unanswered),
+                traffic.duplicates(),
+                elapsed_s,
+            )
+        finally:
+            await pipeline.stop()
+    finally:
+        cluster.servers.stop()
