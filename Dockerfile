@@ -13,7 +13,7 @@
 #
 # Both run as uid 10001 and work with a read-only root file system: what they write goes to
 # /tmp (mount a tmpfs or an emptyDir there) or to a volume named by a setting. Secrets may
-# come as files: NAME_FILE=/run/secrets/… for any setting NAME (deploy/container/entrypoint.py).
+# come as files: NAME_FILE=/run/secrets/… for any setting NAME (core/settings.py reads them).
 # deploy/compose.yaml and deploy/kubernetes/ run these images.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -79,11 +79,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     CHATBOT_DATA_DIR=/tmp/chatbot \
     CHATBOT_CACHE_DIR=/tmp/chatbot-cache \
     CHATBOT_METRICS_PORT=9100
-COPY deploy/container/entrypoint.py /opt/chatbot/entrypoint.py
 # No .env here: settings come from the environment (and NAME_FILE secrets).
 WORKDIR /opt/chatbot
 EXPOSE 9100
-ENTRYPOINT ["python", "/opt/chatbot/entrypoint.py", "chatbot"]
+ENTRYPOINT ["chatbot"]
 
 FROM runtime AS adapter
 COPY --from=adapter-build /opt/venv /opt/venv

@@ -264,6 +264,7 @@ class Settings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, str]) -> Settings:
         known = cls.env_names()
+        values = with_secret_files(values, known)
         unknown = sorted(k for k in values if k.startswith("CHATBOT_") and k not in known)
         if unknown:
             hints = []
@@ -281,6 +282,30 @@ class Settings:
             if env_name in values:
                 kwargs[f.name] = f.metadata["parse"](env_name, values[env_name])
         return cls(**kwargs)
+
+
+SECRET_FILE_SUFFIX = "_FILE"
+
+
+def with_secret_files(values: Mapping[str, str], known: Mapping[str, object]) -> dict[str, str]:
+    """`values` with each NAME_FILE of a setting NAME replaced by NAME = the file's content
+    (a trailing newline dropped): Docker and Kubernetes secrets and systemd credentials
+    arrive as files. Other `*_FILE` variables (SSL_CERT_FILE, …) are left alone; a
+    `CHATBOT_*_FILE` naming no setting stays, to be refused as unknown like any typo."""
+    resolved = dict(values)
+    for variable, path in values.items():
+        name = variable.removesuffix(SECRET_FILE_SUFFIX)
+        if name == variable or name not in known:
+            continue
+        if name in values:
+            raise SettingsError(f"both {name} and {variable} are set: keep one")
+        try:
+            resolved[name] = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise SettingsError(f"{variable}={path}: cannot read it ({why})") from None
+        del resolved[variable]
+    return resolved
 
 
 _DOTENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")

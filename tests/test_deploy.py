@@ -38,6 +38,7 @@ from redis.retry import Retry
 
 import core.metrics
 from bot.cli import build_parser
+from core.errors import SettingsError
 from core.keys import WORKER_GROUP, Keys
 from core.settings import Settings
 
@@ -349,11 +350,11 @@ def test_make_secrets_writes_every_compose_secret_once(compose: Any, tmp_path: P
     assert again.stdout == ""
     assert (secrets / "redis_password").read_text().strip() == password
     assert (secrets / "discord_token").read_text() == "filled in\n"
-    # What the images' entry point makes of them is a valid configuration.
+    # What the settings make of them is a valid configuration.
     environ = {"REDIS_URL_FILE": str(secrets / "redis_url")}
     for name in ("slack_bot_token", "slack_app_token", "discord_token"):
         environ[f"{name.upper()}_FILE"] = str(secrets / name)
-    settings = Settings.from_mapping(run_entrypoint(environ))
+    settings = Settings.from_mapping(environ)
     assert settings.redis_url == url
     assert settings.discord_token == "filled in"
     assert settings.slack_bot_token is None and settings.slack_app_token is None
@@ -445,57 +446,43 @@ def test_deploy_files_name_only_real_commands() -> None:
 # The images' entry point and health checks
 
 
-def run_entrypoint(environ: dict[str, str]) -> dict[str, str]:
-    """The environment `chatbot` gets from deploy/container/entrypoint.py."""
-    show = "import json, os; print(json.dumps(dict(os.environ)))"
-    result = subprocess.run(
-        [sys.executable, str(DEPLOY / "container/entrypoint.py"), sys.executable, "-c", show],
-        env={"PATH": os.environ["PATH"], **environ},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    seen: dict[str, str] = json.loads(result.stdout)
-    return {k: v for k, v in seen.items() if k in environ or f"{k}_FILE" in environ}
-
-
-def test_entrypoint_reads_settings_from_files(tmp_path: Path) -> None:
+def test_settings_are_read_from_files(tmp_path: Path) -> None:
+    """Secrets arrive as files (compose secrets, Kubernetes Secret volumes, systemd
+    credentials): NAME_FILE of a setting NAME is read by every chatbot command."""
     token = tmp_path / "token"
     token.write_text("xoxb-123\n")
     url = tmp_path / "url"
     url.write_text("redis://:pw@redis:6379/0")
-    ca = tmp_path / "ca.pem"
-    environ = {
-        "SLACK_BOT_TOKEN_FILE": str(token),
-        "REDIS_URL_FILE": str(url),
-        "SSL_CERT_FILE": str(ca),  # not a setting: left for OpenSSL
-        "CHATBOT_LOG_LEVEL": "DEBUG",
-    }
-    seen = run_entrypoint(environ)
-    assert seen == {
-        "SLACK_BOT_TOKEN": "xoxb-123",
-        "REDIS_URL": "redis://:pw@redis:6379/0",
-        "SSL_CERT_FILE": str(ca),
-        "CHATBOT_LOG_LEVEL": "DEBUG",
-    }
+    settings = Settings.from_mapping(
+        {
+            "SLACK_BOT_TOKEN_FILE": str(token),
+            "REDIS_URL_FILE": str(url),
+            "SSL_CERT_FILE": str(tmp_path / "ca.pem"),  # not a setting: left for OpenSSL
+            "CHATBOT_LOG_LEVEL": "DEBUG",
+        }
+    )
+    assert settings.slack_bot_token == "xoxb-123"
+    assert settings.redis_url == "redis://:pw@redis:6379/0"
+    assert settings.log_level == "DEBUG"
 
 
-def test_entrypoint_refuses_ambiguous_or_unreadable_secrets(tmp_path: Path) -> None:
+def test_ambiguous_or_unreadable_secret_files_are_configuration_errors(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("abc")
-    with pytest.raises(subprocess.CalledProcessError) as both:
-        run_entrypoint({"DISCORD_TOKEN_FILE": str(token), "DISCORD_TOKEN": "xyz"})
-    assert "both DISCORD_TOKEN and DISCORD_TOKEN_FILE" in both.value.stderr
-    with pytest.raises(subprocess.CalledProcessError) as missing:
-        run_entrypoint({"DISCORD_TOKEN_FILE": str(tmp_path / "nothing")})
-    assert "DISCORD_TOKEN_FILE" in missing.value.stderr and "Traceback" not in missing.value.stderr
+    with pytest.raises(SettingsError, match="both DISCORD_TOKEN and DISCORD_TOKEN_FILE"):
+        Settings.from_mapping({"DISCORD_TOKEN_FILE": str(token), "DISCORD_TOKEN": "xyz"})
+    missing = tmp_path / "nothing"
+    with pytest.raises(SettingsError, match=f"DISCORD_TOKEN_FILE={missing}: cannot read it"):
+        Settings.from_mapping({"DISCORD_TOKEN_FILE": str(missing)})
 
 
 def test_a_misspelt_secret_file_variable_is_still_an_unknown_setting(tmp_path: Path) -> None:
-    seen = run_entrypoint({"CHATBOT_WATERMARK_KY_FILE": str(tmp_path / "key")})
-    assert seen == {"CHATBOT_WATERMARK_KY_FILE": str(tmp_path / "key")}
-    with pytest.raises(Exception, match="CHATBOT_WATERMARK_KY_FILE"):
-        Settings.from_mapping(seen)
+    key = tmp_path / "key"
+    key.write_text("a" * 32)
+    with pytest.raises(SettingsError, match="CHATBOT_WATERMARK_KY_FILE"):
+        Settings.from_mapping({"CHATBOT_WATERMARK_KY_FILE": str(key)})
+    settings = Settings.from_mapping({"CHATBOT_WATERMARK_KEY_FILE": str(key)})
+    assert settings.watermark_key == "a" * 32
 
 
 class _Probe(http.server.BaseHTTPRequestHandler):
@@ -644,12 +631,10 @@ def test_images_start_the_chatbot_command() -> None:
     for target, expected in (("adapter", ["--help"]), ("worker", ["worker"])):
         (entrypoint,) = effective(stages, target, "ENTRYPOINT")[-1:]
         assert entrypoint.json
-        assert list(entrypoint.value) == ["python", "/opt/chatbot/entrypoint.py", "chatbot"]
+        assert list(entrypoint.value) == ["chatbot"]
         command = effective(stages, target, "CMD")[-1]
         assert command.json and list(command.value) == expected
         assert_cli_accepts(list(command.value))
-        copies = [c.value for c in effective(stages, target, "COPY")]
-        assert ("deploy/container/entrypoint.py", "/opt/chatbot/entrypoint.py") in copies
 
 
 def test_the_adapter_image_has_no_torch() -> None:
