@@ -143,13 +143,8 @@ async def _submit(
         )
     agent = handoff is not None and is_agent is not None and await is_agent()
     dedupe = dedupe_id or message_id
-    # A platform's retry of a message admitted before is not a new message: it must not
-    # count against the user's rate, nor be refused because the queue has filled since.
-    retried = await retry(
-        "checking for a retry", lambda: store.redis.exists(store.keys.seen(conversation, dedupe))
-    )
-    if handoff is None and not retried:
-        refused = await _admission(store, queue, conversation, author_id, retry)
+    if handoff is None:
+        refused = await _admission(store, queue, conversation, author_id, dedupe, retry)
         if refused is not None:
             return refused
     message = Message(
@@ -178,10 +173,16 @@ async def _admission(
     queue: JobQueue,
     conversation: ConversationKey,
     author_id: str,
+    dedupe: str,
     retry: Retry,
 ) -> Submission | None:
     """None when the message may be queued; else what to answer instead."""
     settings, platform = store.settings, conversation.platform
+    # A platform's retry of a message admitted before is not a new message: it must not
+    # count against the user's rate, nor be refused because the queue has filled since.
+    seen = store.keys.seen(conversation, dedupe)
+    if await retry("checking for a retry", lambda: store.redis.exists(seen)):
+        return None
     if await retry("measuring the queue", queue.waiting) >= settings.max_queued_jobs:
         log.warning(
             "job queue holds %d jobs or more (CHATBOT_MAX_QUEUED_JOBS): a message was refused",

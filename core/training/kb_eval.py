@@ -163,6 +163,31 @@ async def _ask(
         await asyncio.sleep(_POLL_S)
 
 
+async def _ask_all(
+    redis: Redis,
+    settings: Settings,
+    questions: QuestionSet,
+    deadline: float,
+    worker_task: asyncio.Task[None],
+) -> dict[str, list[dict[str, str]]]:
+    """Every question in a conversation of its own; then each follow-up's history, one turn
+    at a time, and the follow-up itself, in the conversation of that history."""
+    first = [
+        (f"q{i}", q["question"]) for i, q in enumerate(questions.in_scope + questions.out_of_scope)
+    ]
+    replies = await _ask(redis, settings, first, 1, deadline, worker_task)
+    depth = max((len(f["history"]) for f in questions.follow_ups), default=0)
+    for turn in range(depth + 1):
+        asked = [
+            (f"f{i}", (f["history"] + [f["question"]])[turn])
+            for i, f in enumerate(questions.follow_ups)
+            if turn <= len(f["history"])
+        ]
+        if asked:
+            replies = await _ask(redis, settings, asked, turn + 1, deadline, worker_task)
+    return replies
+
+
 async def answer_questions(
     kb_dir: Path,
     questions: QuestionSet,
@@ -199,21 +224,7 @@ async def answer_questions(
             started = time.monotonic()
             deadline = started + timeout_s
             try:
-                first = [
-                    (f"q{i}", q["question"])
-                    for i, q in enumerate(questions.in_scope + questions.out_of_scope)
-                ]
-                replies = await _ask(redis, settings, first, 1, deadline, task)
-                # A follow-up's history, one turn at a time, then the follow-up itself.
-                depth = max((len(f["history"]) for f in questions.follow_ups), default=0)
-                for turn in range(depth + 1):
-                    asked = [
-                        (f"f{i}", (f["history"] + [f["question"]])[turn])
-                        for i, f in enumerate(questions.follow_ups)
-                        if turn <= len(f["history"])
-                    ]
-                    if asked:
-                        replies = await _ask(redis, settings, asked, turn + 1, deadline, task)
+                replies = await _ask_all(redis, settings, questions, deadline, task)
                 seconds = time.monotonic() - started
             finally:
                 worker.stop()
@@ -268,32 +279,38 @@ def knowledge_texts(index: Index) -> list[str]:
     return [p.text for p in index.passages] + [p.title for p in index.passages]
 
 
+def _question_row(
+    q: Mapping[str, Any],
+    reply: Mapping[str, str],
+    answerable: bool,
+    texts: list[str],
+    verifier: Verifier,
+) -> dict[str, Any]:
+    answered = reply["kind"] == "answer"
+    body = body_of(reply["text"])
+    return {
+        "scope": "in" if answerable else "out",
+        "kind_of_question": q.get("kind", ""),
+        "question": q["question"],
+        "kind": reply["kind"],
+        "facts": answerable and answered and contains_all(body, q["expected"]),
+        "cites": answerable and answered and cites(reply["text"], q["source"]),
+        "invented": invented_facts(body, texts),
+        "unsupported": unsupported(reply["text"], verifier),
+        "words": len(body.split()),
+        "reply": reply["text"],
+    }
+
+
 def score(questions: QuestionSet, answers: Answers) -> dict[str, Any]:
     """The product's figures (`product`) and one row per question (`rows`, `follow_up_rows`)."""
     texts = knowledge_texts(answers.index)
     verifier = Verifier(texts, FRAMES + FIXED_REPLIES)
-    rows = []
     in_scope = questions.in_scope
-    for i, q in enumerate(in_scope + questions.out_of_scope):
-        reply = answers.replies[f"q{i}"][0]
-        scope = "in" if i < len(in_scope) else "out"
-        answered = reply["kind"] == "answer"
-        rows.append(
-            {
-                "scope": scope,
-                "kind_of_question": q.get("kind", ""),
-                "question": q["question"],
-                "kind": reply["kind"],
-                "facts": scope == "in"
-                and answered
-                and contains_all(body_of(reply["text"]), q["expected"]),
-                "cites": scope == "in" and answered and cites(reply["text"], q["source"]),
-                "invented": invented_facts(body_of(reply["text"]), texts),
-                "unsupported": unsupported(reply["text"], verifier),
-                "words": len(body_of(reply["text"]).split()),
-                "reply": reply["text"],
-            }
-        )
+    rows = [
+        _question_row(q, answers.replies[f"q{i}"][0], i < len(in_scope), texts, verifier)
+        for i, q in enumerate(in_scope + questions.out_of_scope)
+    ]
     inside = [r for r in rows if r["scope"] == "in"]
     outside = [r for r in rows if r["scope"] == "out"]
     answers_given = [r for r in rows if r["kind"] == "answer"]
