@@ -159,7 +159,8 @@ async def sample_queue(redis: Redis, keys: Keys) -> None:
     oldest: list[int] = []
     if pending:
         summary: Any = await redis.xpending(keys.jobs, WORKER_GROUP)
-        oldest.append(_entry_ms(summary["min"]))
+        if summary.get("min") is not None:  # None: acknowledged since XINFO GROUPS
+            oldest.append(_entry_ms(summary["min"]))
     if lag:
         after = f"({group['last-delivered-id']}" if group else "-"
         first: Any = await redis.xrange(keys.jobs, min=after, max="+", count=1)

@@ -47,6 +47,15 @@ TRANSIENT_ERRORS = (
 # Above every BLOCK this project asks of XREAD/XREADGROUP (1 s at most): a blocking read
 # must end before the socket gives up on it (redis-py 8 defaults to 5 s).
 SOCKET_TIMEOUT_S = 10.0
+# Replies that mean "this node is no longer the master you wanted": a master demoted in a
+# failover ends the blocking reads on it with UNBLOCKED (XREADGROUP BLOCK, BLPOP…); one whose
+# replica left it refuses writes with NOREPLICAS under `min-replicas-to-write`. Both are
+# taken as a lost connection, so the retries find the new master.
+MASTER_MOVED_REPLIES = ("UNBLOCKED", "NOREPLICAS")
+
+
+def master_moved(exc: ResponseError) -> bool:
+    return str(exc).startswith(MASTER_MOVED_REPLIES)
 
 
 def backoff_s(failures: int, cap_s: float = 10.0) -> float:
@@ -135,6 +144,12 @@ class _Cluster(RedisCluster):
             if not _raised_in_redis_connection(exc):
                 raise
             raise RedisConnectionError(f"connection closed during a write ({exc})") from exc
+        except ResponseError as exc:
+            # A failover demoted the node under a blocking read; the next command is
+            # redirected (MOVED) to the slot's new primary.
+            if not master_moved(exc):
+                raise
+            raise RedisConnectionError(f"the node stopped being a primary: {exc}") from exc
 
     async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
         try:
@@ -155,14 +170,15 @@ def _raised_in_redis_connection(exc: BaseException) -> bool:
 class _MasterConnection(SentinelManagedConnection):
     """A connection to the master Sentinel named. A master whose replica has left it
     (promoted in a failover) refuses writes with NOREPLICAS when it is configured with
-    `min-replicas-to-write`: that is taken, like READONLY, as "the master moved", so the
-    retry asks the sentinels again instead of writing where the writes would be lost."""
+    `min-replicas-to-write`, and a demoted master ends blocking reads with UNBLOCKED: both
+    are taken, like READONLY, as "the master moved", so the retry asks the sentinels again
+    instead of writing where the writes would be lost."""
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
         except ResponseError as exc:
-            if not str(exc).startswith("NOREPLICAS"):
+            if not master_moved(exc):
                 raise
             await self.disconnect()
             raise RedisConnectionError(f"the master refused a write: {exc}") from exc
@@ -181,7 +197,9 @@ class SentinelMaster(aioredis.Redis):
 
 
 def _sentinel_master(target: RedisTarget, options: dict[str, Any]) -> Redis:
-    sentinel = Sentinel(list(target.nodes), **options)  # type: ignore[no-untyped-call]
+    # Typed through Any: redis-py's annotations of Sentinel.__init__ differ between releases.
+    sentinel_class: Any = Sentinel
+    sentinel: Sentinel = sentinel_class(list(target.nodes), **options)
     master: SentinelMaster = sentinel.master_for(
         target.master,
         redis_class=SentinelMaster,
