@@ -4,7 +4,7 @@ inside a few fixed frames that state no fact.
 A 135M model paraphrases policy unreliably (it wrote "No, you don't need permission" above
 a passage saying that you do), so no sentence of a knowledge-base answer is the model's:
 
-- `choose_sentences` picks the one or two sentences that answer the question, across the
+- `choose_sentences` picks the one to three sentences that answer the question, across the
   best passages (the answer is often in the second one, or needs a sentence from each),
   within `WORD_BUDGET` words;
 - `answerable` decides whether the knowledge base answers at all: the best passage's score,
@@ -60,7 +60,9 @@ FRAMES = (
 
 TOP_PASSAGES = 2  # sentences are chosen from this many passages
 WORD_BUDGET = 35  # words of quoted sentences, beyond the best one
-MAX_SENTENCES = 2
+# Three, not two: on the tuning set a third sentence answered 12.5 points more follow-ups
+# with the same facts share, and the median answer stayed under 60 words (56.5).
+MAX_SENTENCES = 3
 # Sentence score: its cosine with the question, its share of the question's vocabulary
 # (with its passage's heading), and its passage's score.
 SENTENCE_COSINE_WEIGHT = 1.0
