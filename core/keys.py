@@ -223,6 +223,11 @@ class Keys:
         """Counter bumped on every change, so that workers know to reload the passages."""
         return self._kb(kb) + ":version"
 
+    def channel_marks(self, platform: str) -> str:
+        """Hash: channel id -> the newest message an adapter stored from it (to catch up
+        after a new gateway session, `bot/discord/catch_up.py`)."""
+        return f"{self.namespace}:marks:{platform}"
+
     def reply_of_message(self, platform: str, channel: str, message_id: str) -> str:
         """The reply id a bot message shows, so that a reaction to it rates that reply."""
         return f"{self.namespace}:replies:{platform}:{channel}:{message_id}"

@@ -592,3 +592,63 @@ async def test_a_part_posted_again_after_a_crash_is_not_doubled(discord_bot: Har
     assert [m["id"] for m in discord_bot.sent_in(CHANNEL)].count(first["id"]) == 1
     assert emulator.messages_in(CHANNEL) == ["Answer to: hello", "Answer to: sentinel"]
     assert sentinel["id"]
+
+
+async def start_adapter(harness: Harness) -> None:
+    """A Discord adapter and a worker on the harness's emulator, Redis and settings."""
+    harness.worker = Worker(harness.redis, harness.settings, harness.engine)
+    harness.tasks += [
+        asyncio.create_task(DiscordAdapter(harness.redis, harness.settings).serve(harness.stop)),
+        asyncio.create_task(harness.worker.run()),
+    ]
+
+
+async def stop_adapter(harness: Harness) -> None:
+    """The adapter and the worker stop (a restart); the emulator, Discord, goes on."""
+    harness.stop.set()
+    if harness.worker is not None:
+        harness.worker.stop()
+    for result in await asyncio.gather(*harness.tasks, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
+    harness.tasks.clear()
+    harness.stop = asyncio.Event()
+
+
+async def test_messages_written_while_the_adapter_was_away_are_answered_once(
+    redis: Any, make_settings: Any, tiny_engine: TransformersEngine
+) -> None:
+    harness = await make_harness(redis, make_settings, ScriptedEngine(tiny_engine, echo_answer))
+    emulator = harness.emulator
+    try:
+        await emulator.send_message(CHANNEL, f"{BOT} before the restart?")
+        dm = await emulator.send_dm(BOB_ID, "a private question")
+        dm_channel = dm["channel_id"]
+        await harness.wait_sent(CHANNEL, 1)
+        await harness.wait_sent(dm_channel, 1)
+        await stop_adapter(harness)
+
+        # Written while no session is connected: Discord will not replay these.
+        away = await emulator.send_message(CHANNEL, f"{BOT} while you were away?")
+        await emulator.send_message(CHANNEL, "people chatting, not to the bot")
+        away_dm = await emulator.send_dm(BOB_ID, "are you there?")
+
+        await start_adapter(harness)
+        channel_replies = await harness.wait_sent(CHANNEL, 2)
+        dm_replies = await harness.wait_sent(dm_channel, 2)
+        assert channel_replies[1]["content"] == "Answer to: while you were away?"
+        assert str(channel_replies[1]["message_reference"]["message_id"]) == away["id"]
+        assert dm_replies[1]["content"] == "Answer to: are you there?"
+        assert away_dm["id"] != dm["id"]
+
+        # A live message after the catch-up, answered: nothing before it was answered twice.
+        await emulator.send_message(CHANNEL, f"{BOT} and now?")
+        channel_replies = await harness.wait_sent(CHANNEL, 3)
+        assert [r["content"] for r in channel_replies] == [
+            "Answer to: before the restart?",
+            "Answer to: while you were away?",
+            "Answer to: and now?",
+        ]
+        assert len(harness.sent_in(dm_channel)) == 2
+    finally:
+        await close(harness)

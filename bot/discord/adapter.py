@@ -27,6 +27,7 @@ import discord
 import yarl
 from discord import app_commands
 
+from bot.discord.catch_up import ChannelMarks, catch_up
 from bot.discord.commands import DiscordCommands
 from bot.discord.metrics import count_calls, http_trace
 from bot.discord.posting import PLATFORM, REPLY_MENTIONS, DiscordPoster
@@ -95,6 +96,7 @@ class DiscordAdapter:
         self.keys = Keys(settings.namespace)
         self.store = ConversationStore.from_settings(redis, settings)
         self.queue = JobQueue(redis, self.keys)
+        self.marks = ChannelMarks(redis, self.keys)
         intents = discord.Intents.default()
         intents.message_content = True
         self.client = _Client(
@@ -207,8 +209,16 @@ class DiscordAdapter:
                 give_up_after_s=max(give_up_at - time.monotonic(), 0.0),
                 received_at=received_at,
             )
+            await self.marks.record(str(message.channel.id), str(message.id))
             if submission.reply_text:  # rejected, rate-limited or busy: say so at once
                 await message.reply(submission.reply_text, allowed_mentions=REPLY_MENTIONS)
+
+    async def catch_up(self) -> None:
+        """Answer what was written to the bot while no session was connected."""
+        try:
+            await catch_up(self.client, self.marks, self.on_message)
+        except TRANSIENT_ERRORS as exc:  # the messages wait for the next new session
+            log.warning("could not catch up with Discord messages (Redis unreachable: %s)", exc)
 
     async def submit(
         self,
@@ -361,8 +371,9 @@ class _Client(discord.Client):
     async def setup_hook(self) -> None:
         await self.adapter.sync_commands()
 
-    async def on_ready(self) -> None:
+    async def on_ready(self) -> None:  # a new session, not a resumed one
         log.info("Discord adapter connected as %s", self.user)
+        await self.adapter.catch_up()
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
