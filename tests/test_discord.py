@@ -4,16 +4,19 @@ with a real Redis and a real worker."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import discord
 import pytest
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot.discord import INTENT_HELP, RESET_DONE, DiscordAdapter, jump_link
+from bot.discord.catch_up import ChannelMarks
 from bot.discord.posting import _buttons
 from core.conversation import ConversationKey, Reply, Role
 from core.errors import POLITE_FAILURE, SettingsError
@@ -652,3 +655,22 @@ async def test_messages_written_while_the_adapter_was_away_are_answered_once(
         assert len(harness.sent_in(dm_channel)) == 2
     finally:
         await close(harness)
+
+
+async def test_channel_marks_keep_the_newest_message_of_the_last_hour(
+    redis: Any, make_settings: Any
+) -> None:
+    settings = make_settings()
+    marks = ChannelMarks(redis, Keys(settings.namespace))
+    now = datetime.datetime.now(datetime.UTC)
+    two_hours_ago = str(discord.utils.time_snowflake(now - datetime.timedelta(hours=2)))
+    earlier, later = (
+        str(discord.utils.time_snowflake(now - datetime.timedelta(seconds=s))) for s in (60, 5)
+    )
+    await marks.record("100", later)
+    await marks.record("100", earlier)  # arrives late: the newer mark stays
+    await marks.record("200", two_hours_ago)
+    await marks.record("300", earlier)
+    assert await marks.recent(now.timestamp()) == [("100", later), ("300", earlier)]
+    stored = await redis.hkeys(Keys(settings.namespace).channel_marks("discord"))
+    assert sorted(stored) == ["100", "300"]  # the channel quiet for two hours is dropped

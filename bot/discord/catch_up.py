@@ -59,7 +59,7 @@ class ChannelMarks:
         most recent first; older marks are dropped."""
         stored: Any = await self.redis.hgetall(self.key)
         marks = {str(channel): str(message) for channel, message in stored.items()}
-        stale = [c for c, m in marks.items() if now_s - snowflake_time_s(m) > CATCH_UP_WINDOW_S]
+        stale = {c for c, m in marks.items() if now_s - snowflake_time_s(m) > CATCH_UP_WINDOW_S}
         if stale:
             await self.redis.hdel(self.key, *stale)
         fresh = [(c, m) for c, m in marks.items() if c not in stale]
