@@ -54,17 +54,8 @@ SOCKET_TIMEOUT_S = 10.0
 MASTER_MOVED_REPLIES = ("UNBLOCKED", "NOREPLICAS")
 
 
-# A failover settles in seconds: retries after "the master moved" wait at most this long,
-# not the growing wait meant for a Redis that is down.
-MASTER_MOVED_RETRY_CAP_S = 1.0
-
-
 def master_moved(exc: ResponseError) -> bool:
     return str(exc).startswith(MASTER_MOVED_REPLIES)
-
-
-class MasterMovedError(RedisConnectionError):
-    """The node answered, but it is no longer the master (or primary) to write to."""
 
 
 def backoff_s(failures: int, cap_s: float = 10.0) -> float:
@@ -83,10 +74,7 @@ class Backoff:
     async def failed(self, exc: BaseException) -> None:
         """Log the failure and wait before the next attempt."""
         self.failures += 1
-        cap_s = self.cap_s
-        if isinstance(exc, MasterMovedError):
-            cap_s = min(cap_s, MASTER_MOVED_RETRY_CAP_S)
-        wait_s = backoff_s(self.failures, cap_s)
+        wait_s = backoff_s(self.failures, self.cap_s)
         log.warning(
             "Redis unreachable while %s (%s: %s); retrying in %.1f s (attempt %d)",
             self.what,
@@ -161,7 +149,7 @@ class _Cluster(RedisCluster):
             # redirected (MOVED) to the slot's new primary.
             if not master_moved(exc):
                 raise
-            raise MasterMovedError(f"the node stopped being a primary: {exc}") from exc
+            raise RedisConnectionError(f"the node stopped being a primary: {exc}") from exc
 
     async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
         try:
@@ -193,7 +181,7 @@ class _MasterConnection(SentinelManagedConnection):
             if not master_moved(exc):
                 raise
             await self.disconnect()
-            raise MasterMovedError(f"the master refused a write: {exc}") from exc
+            raise RedisConnectionError(f"the master refused a write: {exc}") from exc
 
 
 class SentinelMaster(aioredis.Redis):
