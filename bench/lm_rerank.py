@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:
 from core.generation.model_files import load_model  # noqa: E402
 from core.knowledge.documents import read_documents  # noqa: E402
 from core.knowledge.embeddings import Embedder, load_embedder  # noqa: E402
-from core.knowledge.retrieval import Index, surface_words  # noqa: E402
+from core.knowledge.retrieval import Index, index_vocabulary  # noqa: E402
 from core.settings import Settings  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -75,7 +75,7 @@ def build_index(folder: Path, embedder: Embedder) -> Index:
     passages = [p for document in read_documents(folder) for p in document.passages]
     vectors = embedder.embed_sync([p.embedding_text() for p in passages])
     sentence_vectors = [embedder.embed_sync(p.sentences) for p in passages]
-    vocabulary = sorted({w for p in passages for w in surface_words(p.embedding_text()).values()})
+    vocabulary = index_vocabulary(passages)
     return Index(
         1, passages, vectors, sentence_vectors, vocabulary, embedder.embed_sync(vocabulary)
     )

@@ -18,12 +18,12 @@ from typing import Any
 
 import discord
 
+from bot.discord.posting import PLATFORM
 from core.keys import Keys
 from core.redis_conn import Redis
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "discord"
 CATCH_UP_WINDOW_S = 3600.0  # channels whose newest stored message is older are not read
 CATCH_UP_MAX_CHANNELS = 50  # the most recently active ones
 CATCH_UP_MAX_MESSAGES = 100  # per channel

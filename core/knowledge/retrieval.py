@@ -97,6 +97,12 @@ def surface_words(text: str) -> dict[str, str]:
     return found
 
 
+def index_vocabulary(passages: Iterable[Passage]) -> list[str]:
+    """Every content word the passages use, as written: what `Index` measures an unknown
+    question word's nearness against."""
+    return sorted({w for p in passages for w in surface_words(p.embedding_text()).values()})
+
+
 @dataclass(frozen=True)
 class Hit:
     passage: Passage
@@ -310,9 +316,7 @@ class Retriever:
         ]
         # Every word the knowledge base uses, embedded once per version (a few thousand
         # words take about a second): how near an unknown question word is to them.
-        vocabulary = sorted(
-            {w for p in passages for w in surface_words(p.embedding_text()).values()}
-        )
+        vocabulary = index_vocabulary(passages)
         vocabulary_vectors = await self.embedder.embed(vocabulary) if vocabulary else None
         return Index(version, passages, vectors, complete, vocabulary, vocabulary_vectors)
 
