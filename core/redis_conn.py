@@ -151,6 +151,26 @@ class _Cluster(RedisCluster):
                 raise
             raise RedisConnectionError(f"the node stopped being a primary: {exc}") from exc
 
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # redis-py finds the keys of XREAD and XREADGROUP by asking a node (COMMAND GETKEYS)
+        # before every call: the node it picked when it last read the whole topology. That
+        # question is asked before the command's retries and refreshes, so once that node
+        # died (a primary SIGKILLed) every read failed with ConnectionError for as long as
+        # nothing else re-read the topology: an outbox consumer or a worker stuck for
+        # minutes after the failover. Their keys are found here instead, with no round trip.
+        keys = stream_read_keys(command, args)
+        if keys:
+            slots = {self.keyslot(key) for key in keys}
+            if len(slots) == 1:
+                return slots.pop()
+        try:
+            return await super()._determine_slot(command, *args)
+        except TRANSIENT_ERRORS:
+            # Another command whose keys only a node can tell: ask the current default
+            # node next time (the topology's refresh moves it off a dead node).
+            self.commands_parser.node = self.get_default_node()
+            raise
+
     async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
         try:
             return await super().initialize(*args, **kwargs)
@@ -158,6 +178,22 @@ class _Cluster(RedisCluster):
             if isinstance(exc.__cause__, TRANSIENT_ERRORS):
                 raise RedisConnectionError(str(exc)) from exc
             raise
+
+
+def stream_read_keys(command: str, args: tuple[Any, ...]) -> list[Any]:
+    """The stream keys of an XREAD or XREADGROUP call (the first half of what follows
+    STREAMS); an empty list for any other command or a call it cannot read."""
+    if str(command).upper() not in ("XREAD", "XREADGROUP"):
+        return []
+    i = 0
+    while i < len(args):
+        word = args[i].decode() if isinstance(args[i], bytes) else str(args[i])
+        word = word.upper()
+        if word == "STREAMS":
+            rest = args[i + 1 :]
+            return list(rest[: len(rest) // 2]) if len(rest) % 2 == 0 else []
+        i += {"GROUP": 3, "COUNT": 2, "BLOCK": 2, "NOACK": 1}.get(word, len(args))
+    return []
 
 
 def _raised_in_redis_connection(exc: BaseException) -> bool:

@@ -186,8 +186,10 @@ class Worker:
         jobs = await self.collector.collect(room)
         if not jobs:
             return 0
-        prepared = await self._prepare(jobs)
+        prepared, unreachable = await self._prepare(jobs)
         tasks = [self._start(item) for item in prepared]
+        if unreachable is not None:
+            raise unreachable  # the run loop backs off; what was prepared goes on
         if wait and tasks:
             await asyncio.wait(tasks)
         return len(jobs)
@@ -218,17 +220,29 @@ class Worker:
 
     # -- preparing: lock, settle what is done, ask the policy ---------------------------
 
-    async def _prepare(self, jobs: list[Job]) -> list[Prepared]:
+    async def _prepare(self, jobs: list[Job]) -> tuple[list[Prepared], Exception | None]:
+        """The conversations ready to generate, each holding its lock, and the error that
+        stopped the rest when Redis became unreachable midway: those already prepared
+        must still be started (and so release their locks), or their locks would be
+        renewed by the heartbeat for ever and their conversations never answered."""
         by_conversation: dict[ConversationKey, list[Job]] = defaultdict(list)
         for job in jobs:
             by_conversation[job.conversation].append(job)
-        prepared = []
+        prepared: list[Prepared] = []
+        unreachable: Exception | None = None
         for conversation, conv_jobs in by_conversation.items():
+            if unreachable is not None:
+                for job in conv_jobs:  # not looked at: the next step takes them again
+                    self.collector.defer(job)
+                continue
             try:
                 with handling_jobs(conversation, conv_jobs):  # in every log line, the metrics
                     item = await self._prepare_conversation(conversation, conv_jobs)
-            except TRANSIENT_ERRORS:
-                raise
+            except TRANSIENT_ERRORS as exc:
+                unreachable = exc
+                for job in conv_jobs:
+                    self.collector.defer(job)
+                continue
             except Exception:
                 # Bad data in one conversation must not stop the others: its jobs stay
                 # pending, are retried, and end as dead letters with an apology.
@@ -236,7 +250,7 @@ class Worker:
                 continue
             if item is not None:
                 prepared.append(item)
-        return prepared
+        return prepared, unreachable
 
     async def _prepare_conversation(
         self, conversation: ConversationKey, jobs: list[Job]

@@ -4,7 +4,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.conversation import ConversationKey, Role
 from core.errors import POLITE_FAILURE
@@ -107,6 +109,44 @@ async def test_conversations_are_isolated_and_generated_in_one_batch(
     assert {r.conversation for r in replies} == {A, B}
     store = make_store(redis, settings)
     assert {m.author_id for m in await store.history(A)} == {"ann", "assistant"}
+
+
+async def test_redis_lost_midway_through_a_batch_leaves_no_conversation_locked(
+    redis: Any, settings: Settings, tiny_engine: TransformersEngine
+) -> None:
+    """Redis fails while the worker prepares the second conversation of a batch (a failover,
+    a dropped connection): the first, already locked, is still answered and its lock
+    released; the second is taken again next step. Before, the first one's lock was
+    dropped unreleased and renewed by the heartbeat for ever: never answered again."""
+    await submit(redis, settings, A, "alpha question", "a1")
+    await submit(redis, settings, B, "beta question", "b1")
+    worker = Worker(redis, settings, tiny_engine)
+    await worker.queue.ensure_group()
+    history = worker.store.history
+    failed: list[ConversationKey] = []
+
+    async def history_once_unreachable(conversation: ConversationKey) -> Any:
+        if conversation == B and not failed:
+            failed.append(conversation)
+            raise RedisConnectionError("Connection closed by server.")
+        return await history(conversation)
+
+    worker.store.history = history_once_unreachable  # type: ignore[method-assign]
+    with pytest.raises(RedisConnectionError):
+        await worker.step()
+    assert failed == [B]
+
+    async def a_answered() -> bool:
+        return [r.conversation for r in await outbox(redis, settings)] == [A]
+
+    await wait_for(a_answered, what="the reply to the conversation prepared before the error")
+    await worker.drain()
+    keys = Keys(settings.namespace)
+    assert not worker.store.held_locks
+    assert await redis.exists(keys.lock(A), keys.lock(B)) == 0
+    assert await worker.step() == 1  # B's job, deferred, comes back at once
+    assert {r.conversation for r in await outbox(redis, settings)} == {A, B}
+    assert await pending_count(redis, settings) == 0
 
 
 async def test_a_redelivered_job_does_not_post_a_second_reply(
