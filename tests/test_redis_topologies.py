@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.outbox import OutboxConsumer, PostedParts
@@ -28,7 +29,7 @@ from core.jobs import JobQueue
 from core.keys import Keys
 from core.knowledge.store import KnowledgeBaseStore
 from core.redis_checks import log_server_config, server_config_findings
-from core.redis_conn import Redis, connect, with_retry
+from core.redis_conn import Redis, connect, stream_read_keys, with_retry
 from core.redis_server import free_port
 from core.redis_url import Topology, parse_redis_url
 from core.settings import Settings
@@ -282,6 +283,41 @@ def conversations_on_every_node(cluster: Any, keys: Keys, wanted: int) -> list[C
     return found
 
 
+async def test_stream_reads_need_no_node_to_find_their_keys(tmp_path: Path) -> None:
+    """redis-py asks one node for the keys of every XREADGROUP (COMMAND GETKEYS), the node it
+    chose when it last read the topology, and keeps asking it after it died: a primary
+    SIGKILLed left consumers failing for minutes. Our client finds those keys itself, and
+    for other such commands moves the question to a live node after one failure."""
+    cluster = start_cluster(tmp_path / "cluster")
+    redis: Any = connect(cluster.url)
+    try:
+        assert stream_read_keys(
+            "XREADGROUP",
+            ("GROUP", "streams", "c", "BLOCK", 10, "STREAMS", "{t}a", "{t}b", ">", ">"),
+        ) == [
+            "{t}a",
+            "{t}b",
+        ]
+        assert stream_read_keys("XADD", ("STREAMS", "*", "k", "v")) == []
+        await redis.xgroup_create("{t}jobs", "workers", id="0", mkstream=True)
+        await redis.xadd("{t}jobs", {"n": "1"})
+        await redis.rpush("{t}list", 3, 1)
+        gone = ClusterNode("127.0.0.1", free_port())  # nothing listens there
+        redis.commands_parser.node = gone
+        read = await redis.xreadgroup("workers", "w1", {"{t}jobs": ">"}, count=1, block=100)
+        assert read[0][1][0][1] == {"n": "1"}
+        assert await redis.xread({"{t}jobs": "0"}, count=1)
+        # SORT … STORE's keys are found by asking a node: the dead one fails once, then a
+        # live one answers
+        with pytest.raises(RedisConnectionError):
+            await redis.sort("{t}list", store="{t}sorted")
+        assert redis.commands_parser.node is not gone
+        assert await redis.sort("{t}list", store="{t}sorted") == 2
+    finally:
+        await redis.aclose()
+        cluster.servers.stop()
+
+
 @pytest.mark.slow
 async def test_cluster_pipeline_across_slots_and_operator_scans(
     tmp_path: Path,
@@ -495,24 +531,12 @@ async def test_sentinel_failover_in_the_middle_of_traffic(
         setup.servers.stop()
 
 
-# Skipped, a known defect (issue 15): after a primary is SIGKILLed, about 1 run in 5 leaves
-# a redis-py cluster client (8.1 and 8.2) sending some commands to the dead node for minutes
-# after its replica took the slots over (an outbox consumer whose key's slot already maps to
-# the live node; or a worker claiming the same jobs again and again), and 10 messages are
-# never answered within 180 s. Neither re-reading the topology nor reconnecting from the
-# start-up nodes after 20 s of failures cured it.
-SIGKILL_DEFECT = (
-    "known defect: a redis-py cluster client can stay stuck on a SIGKILLed primary "
-    "(about 1 run in 5); see the comment above"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "how",
     [
         "manual failover",
-        pytest.param("primary SIGKILLed", marks=pytest.mark.skip(reason=SIGKILL_DEFECT)),
+        "primary SIGKILLed",
     ],
 )
 async def test_cluster_failover_in_the_middle_of_traffic(
