@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from core.jobs import Job, JobQueue, fair_share
+from core.jobs import PARKED_CLAIM_MIN_IDLE_MS, Job, JobQueue, fair_share
 from core.settings import Settings
 
 # Jobs read ahead of the batch, in batches, to fill it fairly in a flood; those not taken
@@ -45,25 +45,35 @@ class Collector:
         locked = list(self.deferred.values())
         self.deferred.clear()
         ahead = READ_AHEAD_BATCHES * s.max_batch_size
-        waiting = {job.entry_id: job for job in await self.queue.take_parked(ahead)}
-        waiting.update((job.entry_id, job) for job in await self._reclaim())
-        room = ahead - len(waiting)
+        parked = {job.entry_id: job for job in await self.queue.peek_parked(ahead)}
+        waiting = {job.entry_id: job for job in await self._reclaim()}
+        room = ahead - len(parked) - len(waiting)
         if room > 0:
-            new = await self.queue.read_jobs(room, 200 if waiting or locked else 1000)
-            if new and len(new) < room:
+            # Wait for new jobs only when none is waiting already.
+            block_ms = None if parked or waiting else (200 if locked else 1000)
+            new = await self.queue.read_jobs(room, block_ms)
+            if new and len(new) < room and s.batch_wait_ms > 0:
                 # A short pause lets the rest of a burst arrive and join this batch.
                 await asyncio.sleep(s.batch_wait_ms / 1000)
                 new += await self.queue.read_jobs(room - len(new), block_ms=None)
             waiting.update((job.entry_id, job) for job in new)
         runnable = []
-        for job in [*locked, *waiting.values()]:
+        for job in [*locked, *parked.values(), *waiting.values()]:
             if job.deliveries > s.max_deliveries:
+                if job.entry_id in parked and not await self.queue.claim_parked([job]):
+                    continue  # another worker took it
                 await self.give_up(job, f"delivered {job.deliveries - 1} times without success")
             elif job.entry_id not in self.deferred:
                 runnable.append(job)
         fresh = [job for job in runnable if job not in locked]
         batch, later = fair_share(fresh, room_in_batch)
-        await self.queue.park(later)
+        chosen = await self.queue.claim_parked([j for j in batch if j.entry_id in parked])
+        taken = {j.entry_id for j in chosen}
+        batch = [j for j in batch if j.entry_id not in parked or j.entry_id in taken]
+        await self.queue.park([j for j in later if j.entry_id not in parked])
+        if parked and not batch and not locked:
+            # Only parked jobs another worker claimed a moment ago: not a spin.
+            await asyncio.sleep(PARKED_CLAIM_MIN_IDLE_MS / 1000)
         return [*(job for job in runnable if job in locked), *batch]
 
     async def _reclaim(self) -> list[Job]:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 WAITING_CONSUMER = "waiting-their-turn"  # owns the jobs read ahead and parked (`park`)
 PARKED_CLAIM_MIN_IDLE_MS = 50
+REMEMBERED_ENTRIES = 8192  # parked jobs whose fields a worker keeps (`peek_parked`)
 
 Entry = tuple[str, dict[str, str]]
 
@@ -72,6 +73,7 @@ class JobQueue:
         self.redis = redis
         self.keys = keys
         self.consumer = consumer
+        self._entries: dict[str, dict[str, str]] = {}  # parked jobs' fields, by entry id
 
     async def ensure_group(self) -> None:
         try:
@@ -147,7 +149,7 @@ class JobQueue:
         found: Any = await self.redis.xpending_range(
             self.keys.jobs, WORKER_GROUP, min="-", max="+", count=count, idle=min_idle_ms
         )
-        # Jobs waiting their turn (`park`) were left by no one: `take_parked` has them.
+        # Jobs waiting their turn (`park`) were left by no one: `peek_parked` has them.
         pending = [p for p in found or [] if p["consumer"] != WAITING_CONSUMER]
         if not pending:
             return []
@@ -163,7 +165,7 @@ class JobQueue:
 
     async def park(self, jobs: list[Job]) -> None:
         """Put jobs read but not taken into this batch where every worker can take them
-        (`take_parked`): owned by the pseudo-consumer `WAITING_CONSUMER`, with their
+        (`peek_parked`): owned by the pseudo-consumer `WAITING_CONSUMER`, with their
         delivery count unchanged."""
         if jobs:
             ids: list[Any] = [j.entry_id for j in jobs]
@@ -171,9 +173,11 @@ class JobQueue:
                 self.keys.jobs, WORKER_GROUP, WAITING_CONSUMER, 0, ids, justid=True
             )
 
-    async def take_parked(self, count: int) -> list[Job]:
-        """Up to `count` parked jobs, oldest first, now this consumer's. Two workers never
-        both get one: a claim needs it idle for PARKED_CLAIM_MIN_IDLE_MS, and resets that."""
+    async def peek_parked(self, count: int) -> list[Job]:
+        """Up to `count` parked jobs, oldest first, left parked: a batch takes the ones it
+        chooses with `claim_parked`. (Taking them all and parking back what was not chosen
+        moved the whole read-ahead to and fro at every step: most of a flood's cost.) Their
+        fields are read once per worker: stream entries never change."""
         if count <= 0:
             return []
         pending: Any = await self.redis.xpending_range(
@@ -186,8 +190,41 @@ class JobQueue:
         )
         if not pending:
             return []
-        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
-        ids: list[Any] = list(deliveries)
+        deliveries = {str(p["message_id"]): max(int(p["times_delivered"]), 1) for p in pending}
+        unknown = [entry_id for entry_id in deliveries if entry_id not in self._entries]
+        if unknown:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for entry_id in unknown:
+                    pipe.xrange(self.keys.jobs, entry_id, entry_id)
+                found: list[Any] = await pipe.execute()
+            for entry_id, entries in zip(unknown, found, strict=True):
+                self._remember(entry_id, entries[0][1] if entries else {})
+        jobs: list[Job] = []
+        malformed: list[Any] = []
+        for entry_id, delivered in deliveries.items():
+            try:
+                jobs.append(Job.from_entry(entry_id, self._entries[entry_id], delivered))
+            except (KeyError, ValueError):
+                malformed.append(entry_id)
+        if malformed:  # dead-lettered by the worker that takes them, once
+            taken: Any = await self.redis.xclaim(
+                self.keys.jobs,
+                WORKER_GROUP,
+                self.consumer,
+                PARKED_CLAIM_MIN_IDLE_MS,
+                malformed,
+                justid=True,
+            )
+            for entry_id in map(str, taken):
+                await self._parse(entry_id, self._entries.get(entry_id, {}), deliveries[entry_id])
+        return jobs
+
+    async def claim_parked(self, jobs: list[Job]) -> list[Job]:
+        """The parked `jobs` this consumer could take: a claim needs a job idle for
+        PARKED_CLAIM_MIN_IDLE_MS and resets that, so two workers never both get one."""
+        if not jobs:
+            return []
+        ids: list[Any] = [j.entry_id for j in jobs]
         taken: Any = await self.redis.xclaim(
             self.keys.jobs,
             WORKER_GROUP,
@@ -196,17 +233,13 @@ class JobQueue:
             ids,
             justid=True,
         )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for entry_id in taken:
-                pipe.xrange(self.keys.jobs, entry_id, entry_id)
-            found: list[Any] = await pipe.execute()
-        jobs = []
-        for entry_id, entries in zip(taken, found, strict=True):
-            fields = entries[0][1] if entries else {}
-            job = await self._parse(str(entry_id), fields, max(deliveries.get(entry_id, 1), 1))
-            if job is not None:
-                jobs.append(job)
-        return jobs
+        got = {str(entry_id) for entry_id in taken}
+        return [j for j in jobs if j.entry_id in got]
+
+    def _remember(self, entry_id: str, fields: dict[str, str]) -> None:
+        self._entries[entry_id] = fields
+        while len(self._entries) > REMEMBERED_ENTRIES:
+            self._entries.pop(next(iter(self._entries)))
 
     async def touch(self, entry_ids: list[Any]) -> None:
         """Reset the idle time of jobs this consumer is still working on, and only of those

@@ -42,6 +42,16 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
+def _non_negative_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if value < 0:
+        raise SettingsError(f"{name}={raw!r} must be 0 or more")
+    return value
+
+
 def _positive_float(name: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -177,7 +187,7 @@ class Settings:
     history_ttl_s: int = _env("CHATBOT_HISTORY_TTL_S", _positive_int, default=30 * 24 * 3600)
     max_message_chars: int = _env("CHATBOT_MAX_MESSAGE_CHARS", _positive_int, default=4000)
     max_batch_size: int = _env("CHATBOT_MAX_BATCH_SIZE", _positive_int, default=16)
-    batch_wait_ms: int = _env("CHATBOT_BATCH_WAIT_MS", _positive_int, default=30)
+    batch_wait_ms: int = _env("CHATBOT_BATCH_WAIT_MS", _non_negative_int, default=0)
     # An OpenAI-compatible server to generate with, instead of a model of the worker's own.
     engine_url: str | None = _env("CHATBOT_ENGINE_URL", _optional_http_url, default=None)
     engine_model: str = _env("CHATBOT_ENGINE_MODEL", default="")

@@ -221,36 +221,43 @@ class Worker:
     # -- preparing: lock, settle what is done, ask the policy ---------------------------
 
     async def _prepare(self, jobs: list[Job]) -> tuple[list[Prepared], Exception | None]:
-        """The conversations ready to generate, each holding its lock, and the error that
-        stopped the rest when Redis became unreachable midway: those already prepared
-        must still be started (and so release their locks), or their locks would be
-        renewed by the heartbeat for ever and their conversations never answered."""
+        """The conversations ready to generate, each holding its lock, prepared side by
+        side (each is a few Redis round trips; one after the other they added up to most
+        of a batch's start with many conversations), and the error when Redis became
+        unreachable meanwhile: those prepared must still be started (and so release their
+        locks), or the heartbeat would renew their locks for ever and their conversations
+        would never be answered; the jobs of the others are taken again next step."""
         by_conversation: dict[ConversationKey, list[Job]] = defaultdict(list)
         for job in jobs:
             by_conversation[job.conversation].append(job)
+        results = await asyncio.gather(
+            *(self._prepare_one(c, conv_jobs) for c, conv_jobs in by_conversation.items()),
+            return_exceptions=True,
+        )
         prepared: list[Prepared] = []
         unreachable: Exception | None = None
-        for conversation, conv_jobs in by_conversation.items():
-            if unreachable is not None:
-                for job in conv_jobs:  # not looked at: the next step takes them again
-                    self.collector.defer(job)
-                continue
-            try:
-                with handling_jobs(conversation, conv_jobs):  # in every log line, the metrics
-                    item = await self._prepare_conversation(conversation, conv_jobs)
-            except TRANSIENT_ERRORS as exc:
-                unreachable = exc
+        for conv_jobs, result in zip(by_conversation.values(), results, strict=True):
+            if isinstance(result, TRANSIENT_ERRORS):
+                unreachable = result
                 for job in conv_jobs:
                     self.collector.defer(job)
-                continue
-            except Exception:
-                # Bad data in one conversation must not stop the others: its jobs stay
-                # pending, are retried, and end as dead letters with an apology.
-                log.exception("preparing %s failed; its jobs will be retried", conversation.id)
-                continue
-            if item is not None:
-                prepared.append(item)
+            elif isinstance(result, BaseException):
+                raise result
+            elif result is not None:
+                prepared.append(result)
         return prepared, unreachable
+
+    async def _prepare_one(self, conversation: ConversationKey, jobs: list[Job]) -> Prepared | None:
+        try:
+            with handling_jobs(conversation, jobs):  # in every log line, the metrics
+                return await self._prepare_conversation(conversation, jobs)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception:
+            # Bad data in one conversation must not stop the others: its jobs stay
+            # pending, are retried, and end as dead letters with an apology.
+            log.exception("preparing %s failed; its jobs will be retried", conversation.id)
+            return None
 
     async def _prepare_conversation(
         self, conversation: ConversationKey, jobs: list[Job]

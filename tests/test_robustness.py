@@ -179,6 +179,11 @@ async def test_jobs_waiting_their_turn_are_shared_by_every_worker(
     await asyncio.sleep(0.1)  # a parked job may be claimed once idle 50 ms (no double take)
     await second.step()  # the second worker takes its share of them
     assert len(second.engine.requests) == 2  # type: ignore[attr-defined]
+    still = await redis.xpending_range(
+        keys.jobs, WORKER_GROUP, min="-", max="+", count=20, consumername="waiting-their-turn"
+    )
+    # the rest stay parked, untouched: only what a batch chooses is taken
+    assert [p["message_id"] for p in still] == [p["message_id"] for p in parked[2:]]
     while len(await outbox(redis, settings)) < 10:
         await first.step()
     replies = await outbox(redis, settings)
