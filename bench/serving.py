@@ -105,7 +105,15 @@ class Budgeted:
         pass
 
 
-class Sequential(Budgeted):
+class ThroughStream(Budgeted):
+    """A mode whose scheduling is in `stream`: the worker calls `generate` when streaming is
+    off (these modes never stream), and that must not bypass it for the product's engine."""
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        return list(await asyncio.gather(*(self.stream(r, lambda _t: None) for r in requests)))
+
+
+class Sequential(ThroughStream):
     """One request at a time, each alone in a `generate` call."""
 
     def __init__(self, inner: Any, budgets: dict[str, int]) -> None:
@@ -118,7 +126,7 @@ class Sequential(Budgeted):
             return result  # type: ignore[no-any-return]
 
 
-class Padded(Budgeted):
+class Padded(ThroughStream):
     """Requests that arrive while a padded batch runs wait for it and go together next."""
 
     def __init__(self, inner: Any, budgets: dict[str, int], max_batch: int) -> None:
