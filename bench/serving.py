@@ -39,6 +39,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import multiprocessing
 import platform
 import random
 import statistics
@@ -173,6 +174,25 @@ class Instant(Budgeted):
         return [await self.stream(r, lambda _t: None) for r in requests]
 
 
+def _instant_worker(mapping: dict[str, str], consumer: str, stop: Any, ready: Any) -> None:
+    """A worker process with the instant engine, until `stop` is set."""
+
+    async def main() -> None:
+        settings = Settings.from_mapping(mapping)
+        redis = aioredis.Redis.from_url(mapping["REDIS_URL"], decode_responses=True)
+        worker = Worker(redis, settings, Instant(None, {}), consumer=consumer)
+        task = asyncio.create_task(worker.run())
+        await redis.ping()
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        worker.stop()
+        await task
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
 def _ms(entry_id: str) -> float:
     return int(str(entry_id).split("-")[0]) / 1000
 
@@ -204,29 +224,39 @@ async def run_load(
     max_batch: int,
     namespace: str,
     batch_wait_ms: int | None = None,
+    worker_process: bool = False,
 ) -> dict[str, Any]:
-    """Submit one request per arrival time, wait for every reply, return the metrics."""
-    settings = Settings.from_mapping(
-        {
-            "REDIS_URL": redis_url,
-            "CHATBOT_NAMESPACE": namespace,
-            "CHATBOT_PERSONA": PERSONA,
-            "CHATBOT_STREAMING": "on" if streaming else "off",
-            "CHATBOT_MAX_BATCH_SIZE": str(max_batch),
-            "CHATBOT_MAX_NEW_TOKENS": str(max(LENGTHS)),
-            "CHATBOT_USER_RATE": "1000/s",
-            "CHATBOT_LOG_LEVEL": "WARNING",
-            **({} if batch_wait_ms is None else {"CHATBOT_BATCH_WAIT_MS": str(batch_wait_ms)}),
-        }
-    )
+    """Submit one request per arrival time, wait for every reply, return the metrics.
+    `worker_process`: the worker (with an instant engine) runs in a process of its own, as
+    deployed, instead of sharing this one's event loop with the submissions."""
+    mapping = {
+        "REDIS_URL": redis_url,
+        "CHATBOT_NAMESPACE": namespace,
+        "CHATBOT_PERSONA": PERSONA,
+        "CHATBOT_STREAMING": "on" if streaming else "off",
+        "CHATBOT_MAX_BATCH_SIZE": str(max_batch),
+        "CHATBOT_MAX_NEW_TOKENS": str(max(LENGTHS)),
+        "CHATBOT_USER_RATE": "1000/s",
+        "CHATBOT_LOG_LEVEL": "WARNING",
+        **({} if batch_wait_ms is None else {"CHATBOT_BATCH_WAIT_MS": str(batch_wait_ms)}),
+    }
+    settings = Settings.from_mapping(mapping)
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
     keys = Keys(namespace)
     store = ConversationStore.from_settings(redis, settings)
     queue = JobQueue(redis, keys)
-    worker_redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    worker = Worker(worker_redis, settings, engine, consumer=f"bench-{mode}")
-    await worker.queue.ensure_group()
-    worker_task = asyncio.create_task(worker.run())
+    await queue.ensure_group()
+    if worker_process:
+        spawn = multiprocessing.get_context("spawn")
+        stop, ready = spawn.Event(), spawn.Event()
+        child = spawn.Process(target=_instant_worker, args=(mapping, f"bench-{mode}", stop, ready))
+        child.start()
+        if not await asyncio.to_thread(ready.wait, 120):  # its imports take a few seconds
+            raise RuntimeError("the worker process did not start")
+    else:
+        worker_redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        worker = Worker(worker_redis, settings, engine, consumer=f"bench-{mode}")
+        worker_task = asyncio.create_task(worker.run())
     submitted: dict[str, float] = {}
     started = time.time()
     adapters = asyncio.Semaphore(64)  # submissions in flight at once, as a few adapters
@@ -257,7 +287,7 @@ async def run_load(
     cursor = "0"  # read each outbox entry once: re-reading the whole outbox at every poll
     # cost this process more than the pipeline it measures, once there were thousands
     while len(finals) < len(arrivals_s) and time.time() < deadline:
-        entries = await redis.xrange(outbox, min=f"({cursor}", count=1000)
+        entries: Any = await redis.xrange(outbox, min=f"({cursor}", count=1000)
         for entry_id, fields in entries:
             cursor = entry_id
             if fields.get("kind") != STREAM_KIND:
@@ -267,9 +297,13 @@ async def run_load(
         if len(entries) < 1000:
             await asyncio.sleep(0.05)
     finished = time.time()
-    worker.stop()
-    await worker_task
-    await worker_redis.aclose()
+    if worker_process:
+        stop.set()
+        await asyncio.to_thread(child.join, 60)
+    else:
+        worker.stop()
+        await worker_task
+        await worker_redis.aclose()
     ttft, e2el, tpot, itl, tokens = [], [], [], [], 0
     for conversation_id, (done_s, text, reply_id) in finals.items():
         sent_s = submitted[conversation_id]
@@ -330,12 +364,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             # outbox when nothing queues (and with the 30 ms pause for a burst to join a
             # batch that was the default before continuous batching).
             rng = random.Random(7)
-            overhead_loads = [
-                (f"burst {args.overhead}", [0.0] * args.overhead, None),
-                ("poisson 20/s", poisson(20.0, 200, rng), None),
-                ("poisson 20/s, CHATBOT_BATCH_WAIT_MS=30", poisson(20.0, 200, rng), 30),
+            burst = [0.0] * args.overhead
+            light = poisson(20.0, 200, rng)
+            overhead_loads = [  # (load, arrivals, batch wait, worker in a process of its own)
+                (f"burst {args.overhead}, one process", burst, None, False),
+                (f"burst {args.overhead}, worker process", burst, None, True),
+                ("poisson 20/s, one process", light, None, False),
+                ("poisson 20/s, worker process", light, None, True),
+                ("poisson 20/s, worker process, CHATBOT_BATCH_WAIT_MS=30", light, 30, True),
             ]
-            for n, (load, arrivals, wait_ms) in enumerate(overhead_loads):
+            for n, (load, arrivals, wait_ms, apart) in enumerate(overhead_loads):
                 run = await run_load(
                     url,
                     Instant(None, {}),
@@ -346,12 +384,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     max_batch=64,
                     namespace=f"overhead{n}",
                     batch_wait_ms=wait_ms,
+                    worker_process=apart,
                 )
                 run["load"] = load
                 run["pipeline_messages_per_s"] = run["request_throughput"]
                 results["runs"].append(run)
                 print(
-                    f"{load:>40}: {run['request_throughput']:7.1f} messages/s, "
+                    f"{load:>56}: {run['request_throughput']:7.1f} messages/s, "
                     f"added latency p50 {run['e2el_s']['p50'] * 1000:6.1f} ms "
                     f"p99 {run['e2el_s']['p99'] * 1000:6.1f} ms",
                     flush=True,
