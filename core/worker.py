@@ -59,6 +59,8 @@ from core.watermark import watermark_status
 log = logging.getLogger(__name__)
 
 STEP_FAILURE_PAUSE_S = 1.0
+# How long a lock release may take when preparing a batch was cancelled midway.
+RELEASE_ON_FAILURE_S = 5.0
 
 
 @dataclass
@@ -236,15 +238,21 @@ class Worker:
         )
         prepared: list[Prepared] = []
         unreachable: Exception | None = None
+        fatal: BaseException | None = None  # cancelled (shutdown): nothing is started
         for conv_jobs, result in zip(by_conversation.values(), results, strict=True):
             if isinstance(result, TRANSIENT_ERRORS):
                 unreachable = result
                 for job in conv_jobs:
                     self.collector.defer(job)
             elif isinstance(result, BaseException):
-                raise result
+                fatal = result
             elif result is not None:
                 prepared.append(result)
+        if fatal is not None:
+            for item in prepared:  # their locks are released, not left to the heartbeat
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(item.release.aclose(), RELEASE_ON_FAILURE_S)
+            raise fatal
         return prepared, unreachable
 
     async def _prepare_one(self, conversation: ConversationKey, jobs: list[Job]) -> Prepared | None:
