@@ -17,6 +17,7 @@ def test_defaults_need_no_environment() -> None:
     assert settings.discord_api_url == "https://discord.com/api/v10"
     assert settings.discord_gateway_url == "wss://gateway.discord.gg/"
     assert not settings.slack_configured and not settings.discord_configured
+    assert settings.batch_wait_ms == 0  # continuous batching takes late arrivals anyway
 
 
 def test_values_are_parsed() -> None:
@@ -26,6 +27,7 @@ def test_values_are_parsed() -> None:
             "CHATBOT_DEVICE": "cuda:1",
             "CHATBOT_MAX_BATCH_SIZE": "4",
             "CHATBOT_RECLAIM_IDLE_S": "2.5",
+            "CHATBOT_BATCH_WAIT_MS": "30",
             "CHATBOT_LOG_LEVEL": "debug",
             "DISCORD_TOKEN": "abc",
         }
@@ -34,6 +36,7 @@ def test_values_are_parsed() -> None:
     assert settings.device == "cuda:1"
     assert settings.max_batch_size == 4
     assert settings.reclaim_idle_s == 2.5
+    assert settings.batch_wait_ms == 30
     assert settings.log_level == "DEBUG"
     assert settings.discord_configured
 
@@ -62,6 +65,8 @@ def test_other_variables_are_ignored() -> None:
         ("CHATBOT_PERSONA", "   ", "empty"),
         ("CHATBOT_USER_RATE", "lots", "must look like 20/min"),
         ("CHATBOT_USER_RATE", "0/min", "must look like 20/min"),
+        ("CHATBOT_BATCH_WAIT_MS", "-5", "must be 0 or more"),
+        ("CHATBOT_BATCH_WAIT_MS", "soon", "not a whole number"),
     ],
 )
 def test_wrong_values_are_clear_errors(name: str, value: str, message: str) -> None:
