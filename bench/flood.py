@@ -8,8 +8,9 @@ bundled model only makes each step slower). Figures go to JSON.
     .venv/bin/python bench/flood.py [--flood 48] [--repeats 3] [--out bench/results/flood.json]
 
 Three cases: the other user alone; after a flood of `--flood` messages (each in its own
-conversation, as Discord mentions or Slack `/ask` are) with the worker's fair batches; and
-the same flood with batches taken first come, first served (the old behaviour).
+conversation, as Discord mentions or Slack `/ask` are, all queued before the worker starts,
+as when they come faster than it answers) with the worker's fair batches; and the same flood
+with batches taken first come, first served (the old behaviour).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from core import jobs as jobs_module  # noqa: E402
-from core import worker as worker_module  # noqa: E402
+from core import collecting as collecting_module  # noqa: E402
 from core.conversation import ConversationKey  # noqa: E402
 from core.generation.model_files import prepare_model  # noqa: E402
 from core.generation.transformers_engine import TransformersEngine  # noqa: E402
@@ -89,14 +90,16 @@ async def one_case(engine: TransformersEngine, flood: int, fair: bool) -> float:
         store, queue = ConversationStore.from_settings(redis, settings), JobQueue(redis, keys)
         await queue.ensure_group()
         chosen = jobs_module.fair_share if fair else first_come_first_served
-        worker_module.fair_share = chosen  # type: ignore[assignment]
+        collecting_module.fair_share = chosen  # type: ignore[assignment]
         worker = Worker(redis, settings, engine)
+        # The flood is waiting when the other user writes (it came faster than the worker
+        # answers): with this small model the worker would otherwise keep up with it.
+        for i in range(flood):
+            await submit(store, queue, f"flood-{i}", "flooder", f"question number {i}?")
+        await submit(store, queue, "other", "someone-else", "Where is my parcel?")
+        started = time.perf_counter()
         task = asyncio.create_task(worker.run())
         try:
-            for i in range(flood):
-                await submit(store, queue, f"flood-{i}", "flooder", f"question number {i}?")
-            started = time.perf_counter()
-            await submit(store, queue, "other", "someone-else", "Where is my parcel?")
             other = ConversationKey("console", "bench", "other").id
             last = "0-0"
             while True:
@@ -108,7 +111,7 @@ async def one_case(engine: TransformersEngine, flood: int, fair: bool) -> float:
         finally:
             worker.stop()
             await task
-            worker_module.fair_share = jobs_module.fair_share  # type: ignore[assignment]
+            collecting_module.fair_share = jobs_module.fair_share  # type: ignore[assignment]
             await redis.aclose()
             await asyncio.to_thread(server.stop)
 
