@@ -28,8 +28,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core import jobs as jobs_module  # noqa: E402
 from core import collecting as collecting_module  # noqa: E402
+from core import jobs as jobs_module  # noqa: E402
 from core.conversation import ConversationKey  # noqa: E402
 from core.generation.model_files import prepare_model  # noqa: E402
 from core.generation.transformers_engine import TransformersEngine  # noqa: E402
