@@ -3,7 +3,7 @@
 A reply is first committed into its conversation (`ConversationStore.commit_reply`: it
 answers up to `covers_seq`, once, and waits in `pending_reply`), then published to the
 outbox and confirmed. A worker that dies in between leaves `pending_reply`, which the next
-holder of the conversation's lock publishes (`Worker._settle`): at least once inside, and
+holder of the conversation's lock publishes (`Preparer._settle`): at least once inside, and
 the outbox records posted parts so the user sees it once.
 """
 
