@@ -32,24 +32,23 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
 
-def _positive_int(name: str, raw: str) -> int:
+def _whole_number(name: str, raw: str, minimum: int) -> int:
     try:
         value = int(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={raw!r} must be greater than 0")
+    if value < minimum:
+        bound = "greater than 0" if minimum == 1 else f"{minimum} or more"
+        raise SettingsError(f"{name}={raw!r} must be {bound}")
     return value
+
+
+def _positive_int(name: str, raw: str) -> int:
+    return _whole_number(name, raw, 1)
 
 
 def _non_negative_int(name: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-    if value < 0:
-        raise SettingsError(f"{name}={raw!r} must be 0 or more")
-    return value
+    return _whole_number(name, raw, 0)
 
 
 def _positive_float(name: str, raw: str) -> float:
