@@ -182,8 +182,10 @@ async def test_jobs_waiting_their_turn_are_shared_by_every_worker(
     still = await redis.xpending_range(
         keys.jobs, WORKER_GROUP, min="-", max="+", count=20, consumername="waiting-their-turn"
     )
-    # the rest stay parked, untouched: only what a batch chooses is taken
+    # the rest stay parked, untouched (their idle time was not reset by a claim and a
+    # park back): only what a batch chooses is taken
     assert [p["message_id"] for p in still] == [p["message_id"] for p in parked[2:]]
+    assert all(p["time_since_delivered"] >= 100 for p in still)
     while len(await outbox(redis, settings)) < 10:
         await first.step()
     replies = await outbox(redis, settings)
