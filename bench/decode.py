@@ -4,7 +4,9 @@ Each decoding step at batch 1 must read every weight once, so tokens/s at batch 
 exceed (read bandwidth) / (weight bytes). The bandwidth is measured in the same run (a
 torch sum over 256 MB, on the idle machine: run nothing else meanwhile). Then the engine
 (continuous batching, `core/generation/batcher.py`) generates fixed-length replies (end of
-sequence ignored) at batch 1, 8 and 16.
+sequence ignored) at batch 1, 8, 16 and 32: with its lean decoding step
+(`core/generation/lean_decode.py`) and, side by side at each batch size, with transformers'
+forward in its place.
 
     .venv/bin/python bench/decode.py                 # fp32 (the target) on this CPU
     .venv/bin/python bench/decode.py --dtype bfloat16
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32])
     args = parser.parse_args(argv)
     settings = Settings.from_mapping(
         {"CHATBOT_DTYPE": args.dtype, "CHATBOT_MAX_BATCH_SIZE": str(max(args.batches))}
@@ -79,10 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     engine.batcher.stop_ids = frozenset()  # every reply exactly --tokens long
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     asyncio.run(engine_tok_s(engine, 1, 4))  # warm up
+    lean = engine.batcher.lean
     measured: dict[int, float] = {}
+    forward: dict[int, float] = {}
     for batch in args.batches:
-        tok_s = asyncio.run(engine_tok_s(engine, batch, args.tokens))
-        measured[batch] = tok_s
+        engine.batcher.lean = lean
+        measured[batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
+        engine.batcher.lean = None
+        forward[batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
+    engine.batcher.lean = lean
     bandwidth = read_bandwidth_gb_s()  # last: its 256 MB buffer slowed what came after it
     limit = bandwidth * 1e9 / weight_bytes
     results: dict[str, Any] = {
@@ -91,14 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         "weight_mb": round(weight_bytes / 1e6, 1),
         "batch1_limit_tok_s": round(limit, 1),
         "torch_threads": torch.get_num_threads(),
+        "lean_step": lean is not None,
         "engine": {},
+        "engine_transformers_forward": {},
     }
     print(f"read bandwidth {bandwidth:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB")
     print(f"batch-1 limit {limit:.1f} tok/s")
     for batch, tok_s in measured.items():
         results["engine"][str(batch)] = round(tok_s, 1)
+        results["engine_transformers_forward"][str(batch)] = round(forward[batch], 1)
         share = f" = {tok_s / limit:.0%} of the limit" if batch == 1 else ""
-        print(f"batch {batch:>2}: engine {tok_s:6.1f} tok/s{share}")
+        print(
+            f"batch {batch:>2}: engine {tok_s:6.1f} tok/s{share}"
+            f" (with transformers' forward: {forward[batch]:6.1f} tok/s)"
+        )
     results["machine"] = {
         "cpu": platform.processor() or platform.machine(),
         "native_bf16": cpu_supports_bf16(),

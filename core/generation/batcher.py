@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from core.generation.engine import FinishReason, Generation, GenerationRequest, TextListener
 from core.generation.kv_cache import cache_layers, new_cache, set_kv
+from core.generation.lean_decode import lean_decoder
 from core.generation.watermarking import bias_logits
 from core.watermark import Watermark
 
@@ -95,6 +96,9 @@ class ContinuousBatcher:
         self.repetition_penalty = repetition_penalty
         self.watermark = watermark
         self.device = next(model.parameters()).device
+        # Decoding steps without transformers' per-step overhead, where that is known to
+        # compute the same logits (core/generation/lean_decode.py); prefill stays with it.
+        self.lean = lean_decoder(model)
         # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns).
         parameters = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
@@ -224,17 +228,20 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def _step(self, batch: Batch) -> Batch | None:
         mask = F.pad(batch.mask, (0, 1), value=1)
-        positions = batch.mask.sum(-1, keepdim=True)  # the new token's position per row
-        output = self.model(
-            input_ids=batch.last[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_arg: batch.cache},  # grown in place
-        )
+        if self.lean is not None:
+            logits = self.lean(batch.last, mask, batch.cache)  # the cache grows in place
+        else:
+            output = self.model(
+                input_ids=batch.last[:, None],
+                attention_mask=mask,
+                position_ids=batch.mask.sum(-1, keepdim=True),  # the new token's position
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: batch.cache},  # grown in place
+            )
+            logits = output.logits[:, -1, :]
         batch.mask = mask
-        batch.last = self._pick(output.logits[:, -1, :], batch)
+        batch.last = self._pick(logits, batch)
         self.decode_steps += 1
         return self._retire(batch)
 

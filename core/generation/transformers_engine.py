@@ -268,6 +268,7 @@ class TransformersEngine:
         """Free the model but keep the engine thread (a promoted model's engine uses it)."""
         self.model = None
         self.batcher.model = None
+        self.batcher.lean = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

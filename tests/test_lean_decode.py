@@ -1,0 +1,121 @@
+"""The lean decoding step (core/generation/lean_decode.py) computes what transformers'
+forward computes: the same logits and the same KV cache, step after step, on a left-padded
+batch of prompts of different lengths; on the tiny random-weight Llama and on the bundled
+SmolLM2. Models it does not know get transformers' forward."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.generation.kv_cache import cache_layers, new_cache
+from core.generation.lean_decode import lean_decoder
+from core.generation.transformers_engine import TransformersEngine
+
+PROMPTS = [[5, 17, 300, 42, 9, 1000, 77], [88, 12], [400, 401, 402, 403]]
+
+
+def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    cache = new_cache(model.config)
+    with torch.inference_mode():
+        output = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            **cache_argument(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return cache, mask, output.logits[:, -1].argmax(-1)
+
+
+def transformers_step(model: Any, tokens: Any, mask: Any, cache: Any) -> Any:
+    with torch.inference_mode():
+        output = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=mask[:, :-1].sum(-1, keepdim=True),
+            **cache_argument(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return output.logits[:, -1]
+
+
+def assert_same_steps(model: Any, steps: int, tolerance: float) -> None:
+    lean = lean_decoder(model)
+    assert lean is not None
+    theirs, mask, tokens = prefill(model, PROMPTS, pad_id=0)
+    ours, _mask, _tokens = prefill(model, PROMPTS, pad_id=0)
+    for _ in range(steps):
+        mask = F.pad(mask, (0, 1), value=1)
+        expected = transformers_step(model, tokens, mask, theirs)
+        got = lean(tokens, mask, ours)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+        tokens = expected.argmax(-1)
+    for mine, reference in zip(cache_layers(ours), cache_layers(theirs), strict=True):
+        assert mine.keys.shape == reference.keys.shape
+        torch.testing.assert_close(mine.keys, reference.keys, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(mine.values, reference.values, atol=tolerance, rtol=tolerance)
+
+
+def test_the_lean_step_matches_transformers_on_a_left_padded_batch(
+    tiny_engine: TransformersEngine,
+) -> None:
+    assert_same_steps(tiny_engine.model, steps=12, tolerance=1e-5)
+
+
+def test_the_engine_decodes_through_the_lean_step(tiny_engine: TransformersEngine) -> None:
+    assert tiny_engine.batcher.lean is not None
+
+
+@pytest.mark.slow
+def test_the_lean_step_matches_transformers_on_the_bundled_model(
+    bundled_engine: TransformersEngine,
+) -> None:
+    assert bundled_engine.batcher.lean is not None
+    assert_same_steps(bundled_engine.model, steps=8, tolerance=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"attention_bias": True}, {"mlp_bias": True}, {"hidden_act": "gelu"}, {"pretraining_tp": 2}],
+)
+def test_models_it_does_not_know_keep_transformers_forward(change: dict[str, Any]) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        **change,
+    )
+    assert lean_decoder(LlamaForCausalLM(config)) is None
+
+
+def test_a_model_of_another_family_keeps_transformers_forward() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    assert lean_decoder(model) is None
