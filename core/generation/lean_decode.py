@@ -164,8 +164,8 @@ def _unsupported(model: Any) -> str:
         return "the model's modules are not laid out as transformers' Llama"
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
-        projections += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+        projections += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         if any(getattr(p, "bias", None) is not None for p in projections):
             return "the model has biases"
         if not all(type(p) is torch.nn.Linear for p in projections):
