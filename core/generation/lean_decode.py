@@ -17,6 +17,13 @@ with no biases, SiLU, no tensor-parallel slicing, on the CPU (the GPU path was m
 transformers' forward; nothing here has been measured there). Anything else returns None
 from `lean_decoder` and the batcher keeps transformers' forward. `tests/test_lean_decode.py`
 checks the logits against transformers' on a left-padded batch of the bundled model.
+
+Tried and left out: at 4-16 rows MKL's sgemm is slow here (8 rows cost 2x one row), and
+oneDNN with weights reordered once into its blocked layout did 8-row products 1.3x faster
+in isolation; but with the blocked copies made, every step of the engine slowed, the
+unblocked ones too (bench/decode.py: batch 1 26.7 -> 17.8 tok/s, batch 8 101 -> 82), for
+reasons not found. MKL's packed sgemm (`mkl._mkl_linear`) helps only at the exact row
+count it was packed for.
 """
 
 from __future__ import annotations
