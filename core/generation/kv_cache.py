@@ -86,7 +86,9 @@ def _growing_layer_class() -> Any:
             self._key_room, self._value_room = keys, values
 
         def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-            """New contents (rows joined or left): copied into fresh buffers."""
+            """New contents (rows joined or left, a kept prefix): copied into fresh buffers."""
+            if not self.is_initialized:
+                self.lazy_initialization(keys, values)
             self._key_room = self._value_room = None
             self._length = 0
             self._make_room(keys, keys.shape[2] + 64)

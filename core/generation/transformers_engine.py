@@ -117,6 +117,14 @@ class TransformersEngine:
         """The prompt's token ids. The chat template's own markup is tokenised with its
         special tokens; the turns' contents (customers' words, names, passages) as plain
         text, so that `<|im_start|>system` typed by a customer is text, not a new turn."""
+        return self.encode_with_prefix(turns)[0]
+
+    def encode_with_prefix(self, turns: Sequence[ChatTurn]) -> tuple[list[int], int]:
+        """The prompt's token ids, and how many of them are the template's opening and the
+        system turn's text: the same for every prompt with that persona, whatever follows
+        (the contents are tokenised apart from the markup), so their keys and values can be
+        computed once (`core.generation.batcher`). 0 without a system turn first."""
+        prefix = 0
         nonce = uuid.uuid4().hex
         marks = [f"<<{nonce}:{i}>>" for i in range(len(turns))]
         prompt = self.tokenizer.apply_chat_template(
@@ -128,9 +136,12 @@ class TransformersEngine:
         position = 0
         for found in re.finditer(f"<<{nonce}:(\\d+)>>", prompt):
             ids += self._ids(prompt[position : found.start()], markup=True)
-            ids += self._ids(turns[int(found.group(1))]["content"], markup=False)
+            turn = int(found.group(1))
+            ids += self._ids(turns[turn]["content"], markup=False)
+            if turn == 0 and turns[0]["role"] == "system":
+                prefix = len(ids)
             position = found.end()
-        return ids + self._ids(prompt[position:], markup=True)
+        return ids + self._ids(prompt[position:], markup=True), prefix
 
     def _ids(self, text: str, *, markup: bool) -> list[int]:
         if not text:
@@ -156,7 +167,7 @@ class TransformersEngine:
     async def stream(self, request: GenerationRequest, on_text: TextListener | None) -> Generation:
         loop = asyncio.get_running_loop()
         try:
-            ids = self.encode(request.turns)
+            ids, prefix = self.encode_with_prefix(request.turns)
         except Exception as exc:  # a broken request fails alone
             log.exception("could not build the prompt for request %s", request.request_id)
             return failed(request, exc)
@@ -172,7 +183,7 @@ class TransformersEngine:
             def forward(text: str) -> None:  # on the engine thread
                 _call_soon(loop, listener, text)
 
-        self.batcher.submit(Submitted(request, ids, forward, done))
+        self.batcher.submit(Submitted(request, ids, forward, done, prefix_tokens=prefix))
         try:
             return await asyncio.shield(finished)
         except asyncio.CancelledError:
