@@ -173,7 +173,8 @@ class ContinuousBatcher:
 
     def _admit(self, batch: Batch | None) -> Batch | None:
         """Prefill the requests that arrived (as many as there is room for, and about
-        PREFILL_TOKENS of prompt a step) and merge them into the running batch."""
+        PREFILL_TOKENS of prompt a step, a kept prefix not counted) and merge them into the
+        running batch."""
         room = self.max_batch_size - (len(batch.rows) if batch else 0)
         arrived: list[Submitted] = []
         prompt_tokens = 0
@@ -187,7 +188,8 @@ class ContinuousBatcher:
                 self._finish(item, "cancelled")
             else:
                 arrived.append(item)
-                prompt_tokens += len(item.prompt_ids)
+                # What goes through the model: a kept prefix does not (once it is kept).
+                prompt_tokens += len(item.prompt_ids) - len(self._prefix_of(item))
         if not arrived:
             return batch
         joining = self._prefill_all(arrived)
