@@ -125,6 +125,20 @@ def test_prefill_from_a_kept_prefix_gives_the_logits_of_a_whole_prefill(
     assert torch.equal(from_prefix.mask.sum(-1), whole.mask.sum(-1))
 
 
+async def test_kept_prefixes_stay_within_their_bytes(
+    tiny_engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = own_engine(tiny_engine)
+    await answers(engine, [ask(PERSONA_A, "hello", 0, tokens=2)])
+    one = engine.batcher.kept_prefix_bytes()
+    assert one > 0
+    monkeypatch.setattr(batcher_module, "PREFIX_BYTES", one * 2 + one // 2)  # room for two
+    for n, persona in enumerate([PERSONA_A + " Today.", PERSONA_A + " Tomorrow.", PERSONA_B]):
+        await answers(engine, [ask(persona, "hello", n, tokens=2)])
+    assert len(engine.batcher._prefixes) == 2
+    assert engine.batcher.kept_prefix_bytes() <= batcher_module.PREFIX_BYTES
+
+
 @pytest.fixture(scope="module")
 def fp32_engine(model_dir: Any) -> TransformersEngine:
     """The bundled model in fp32 (in bf16, which this CPU may pick, any change of batch

@@ -54,8 +54,11 @@ log = logging.getLogger(__name__)
 # steps instead of in one long prefill, so the replies already running do not stall and
 # the first arrivals see words sooner (the first request always joins, whatever its size).
 PREFILL_TOKENS = 512
-# Prompt prefixes (a persona) whose keys and values are kept, and the shortest worth keeping.
+# Prompt prefixes (a persona) whose keys and values are kept: at most this many, in at most
+# this many bytes (the bundled model's are 45 KiB a token in fp32: a 500-token persona takes
+# 22 MiB), and the shortest worth keeping.
 PREFIX_ENTRIES = 16
+PREFIX_BYTES = 256 * 1024 * 1024
 MIN_PREFIX_TOKENS = 16
 
 Done = Callable[[Generation], None]
@@ -258,9 +261,16 @@ class ContinuousBatcher:
         self.prefilled_tokens += len(prefix)
         kept = [(layer.keys.clone(), layer.values.clone()) for layer in cache_layers(cache)]
         self._prefixes[prefix] = kept
-        while len(self._prefixes) > PREFIX_ENTRIES:
+        while len(self._prefixes) > PREFIX_ENTRIES or (
+            len(self._prefixes) > 1 and self.kept_prefix_bytes() > PREFIX_BYTES
+        ):
             self._prefixes.popitem(last=False)
         return kept
+
+    def kept_prefix_bytes(self) -> int:
+        return sum(
+            keys.nbytes + values.nbytes for kept in self._prefixes.values() for keys, values in kept
+        )
 
     @torch.inference_mode()
     def _prefill(self, arrived: list[Submitted], prefix: tuple[int, ...] = ()) -> Batch:
