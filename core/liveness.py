@@ -8,6 +8,7 @@ liveness record for `chatbot health`, and trims the job stream below what is don
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ class Liveness:
         self.owned_jobs = owned_jobs
         self.status = status
         self.started_at = time.time()
+        self._stopped = asyncio.Event()
 
     async def announce(self) -> None:
         """Tell `chatbot health` (and operators) that this worker is alive."""
@@ -53,9 +55,21 @@ class Liveness:
             px=int(self.interval_s * 3000),
         )
 
+    def stop(self) -> None:
+        """End `run` at its next turn, whatever happens to a cancellation meanwhile."""
+        self._stopped.set()
+
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
+        """Beat every `interval_s` until `stop`. Stopping does not rely on cancellation
+        alone: a cancellation that arrives inside a Redis call can come out of redis-py as a
+        timeout error (a transient error here, logged and gone past), and the loop went on
+        beating for ever after the worker had stopped (seen as a test's event loop that
+        never closed)."""
+        while not self._stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.interval_s)
+            if self._stopped.is_set():
+                return
             try:
                 for lock in list(self.store.held_locks):
                     await lock.renew()

@@ -160,6 +160,7 @@ class Worker:
                     await asyncio.sleep(STEP_FAILURE_PAUSE_S)
         finally:
             await self.drain()
+            self.liveness.stop()
             heartbeat.cancel()
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 await self.queue.redis.delete(self.queue.keys.worker(self.consumer))
