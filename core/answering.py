@@ -8,7 +8,7 @@ import logging
 
 from core.conversation import ConversationKey
 from core.generation.engine import Engine, Generation, GenerationRequest
-from core.redis_conn import TRANSIENT_ERRORS
+from core.redis_conn import TRANSIENT_ERRORS, cancellation_lost
 from core.streaming import ReplyPublisher
 from core.support.handoff import Handoffs
 
@@ -43,11 +43,14 @@ async def generate_unless_handed_off(
 
 
 async def _wait_for_handoff(handoffs: Handoffs, conversation: ConversationKey) -> None:
+    """Returns when a person takes `conversation` over; otherwise runs until cancelled."""
     while True:
         await asyncio.sleep(HANDOFF_CHECK_S)
         with contextlib.suppress(*TRANSIENT_ERRORS):
             if await handoffs.get(conversation) is not None:
                 return
+        if cancellation_lost():  # else it would watch for ever after its reply was done
+            raise asyncio.CancelledError
 
 
 async def generate(

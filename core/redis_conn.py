@@ -248,6 +248,15 @@ def _sentinel_master(target: RedisTarget, options: dict[str, Any]) -> Redis:
     return master
 
 
+def cancellation_lost() -> bool:
+    """Whether the running task was asked to stop and still runs. A cancellation can be lost
+    inside a redis-py call: redis-py waits with `asyncio.wait_for`, which in Python 3.11
+    returns the result when it comes at the moment of the cancellation. A loop that only
+    cancellation stops checks this after its Redis calls."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def with_retry(
     what: str,
     call: Callable[[], Awaitable[T]],

@@ -1,18 +1,23 @@
-"""The worker's heartbeat (core/liveness.py) against a real redis-server: it stops when the
-worker stops, even when the cancellation meant to stop it is lost inside a Redis call."""
+"""Loops that run beside a worker against a real redis-server, the heartbeat
+(core/liveness.py) and a reply's watch for a handoff (core/answering.py): they end when
+they are stopped, even when the cancellation meant to stop them is lost in a Redis call."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core import answering
+from core.conversation import ConversationKey
 from core.jobs import JobQueue
 from core.keys import Keys
 from core.liveness import Liveness
 from core.settings import Settings
 from core.store import ConversationStore
+from core.support.handoff import Handoffs
 
 
 async def test_a_stopped_heartbeat_ends_though_a_redis_call_swallowed_its_cancellation(
@@ -55,3 +60,29 @@ async def test_the_heartbeat_announces_the_worker_until_stopped(
     liveness.stop()
     done, _ = await asyncio.wait({heartbeat}, timeout=10)
     assert heartbeat in done and heartbeat.exception() is None
+
+
+async def test_the_handoff_watch_of_a_reply_ends_though_a_redis_call_lost_its_cancellation(
+    redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each reply being generated is watched for a person taking over; the watch is
+    cancelled when the reply is done, and must end even if that cancellation is lost."""
+    monkeypatch.setattr(answering, "HANDOFF_CHECK_S", 0.01)
+    handoffs = Handoffs(redis, keys, 60)
+    in_call = asyncio.Event()
+
+    async def get(_conversation: ConversationKey) -> None:
+        in_call.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:  # lost, as Python 3.11's wait_for can lose it
+            return None
+
+    handoffs.get = get  # type: ignore[assignment,method-assign]
+    watch = asyncio.create_task(
+        answering._wait_for_handoff(handoffs, ConversationKey("slack", "T1", "C1", "1.0"))
+    )
+    await asyncio.wait_for(in_call.wait(), 10)
+    watch.cancel()
+    done, _ = await asyncio.wait({watch}, timeout=10)
+    assert watch in done and watch.cancelled()
