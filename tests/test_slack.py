@@ -54,6 +54,21 @@ class Harness:
     def thread(self, channel: str, thread_ts: str | None) -> list[str]:
         return self.emulator.messages_in(channel, thread_ts)
 
+    async def sentinel(self, channel: str = "D1", thread_ts: str | None = None) -> list[str]:
+        """Send a message that must be answered (a DM by default, or in the thread
+        `thread_ts` the bot is in) and wait for its answer, instead of waiting a fixed time
+        to see that something did not happen: the conversation's earlier work is done by
+        then. Returns the conversation's messages."""
+        if thread_ts is None:
+            event = message("sentinel", channel=channel, channel_type="im")
+        else:
+            event = message("sentinel", channel=channel, thread_ts=thread_ts)
+        status, _ = await self.send(event)
+        assert status == 200
+        return await self.wait_thread(
+            channel, thread_ts, lambda t: any(x.endswith("sentinel") for x in t)
+        )
+
     async def wait_thread(
         self, channel: str, thread_ts: str | None, predicate: Callable[[list[str]], bool]
     ) -> list[str]:
@@ -159,9 +174,9 @@ async def test_follow_ups_in_a_joined_thread_need_no_mention(slack: Harness) -> 
     # A thread the bot never joined stays quiet, as does a top-level channel message.
     await slack.send(message("unrelated chatter", channel="C1", thread_ts="1600000000.000001"))
     await slack.send(message("top-level chatter", channel="C1"))
-    await asyncio.sleep(1.0)
+    await slack.sentinel("C1", mention["ts"])
     assert slack.thread("C1", "1600000000.000001") == []
-    assert len(slack.emulator.posted) == 2  # two working messages, each replaced by an answer
+    assert len(slack.emulator.posted) == 3  # working messages, each replaced by an answer
 
 
 async def test_two_threads_never_share_history(slack: Harness) -> None:
@@ -192,9 +207,10 @@ async def test_forged_and_stale_requests_are_refused(slack: Harness) -> None:
     forged, _ = await slack.send(app_mention("<@UBOT> hi"), signature="v0=" + "0" * 64)
     stale, _ = await slack.send(app_mention("<@UBOT> hi"), timestamp=1_600_000_000)
     assert (forged, stale) == (401, 401)
-    await asyncio.sleep(0.5)
+    # Refused before anything is stored: no job; and no reply before the sentinel's.
     assert not await slack.redis.exists(keys.jobs) or await slack.redis.xlen(keys.jobs) == 0
-    assert slack.emulator.posted == []
+    assert await slack.sentinel() == ["Answer to: sentinel"]
+    assert len(slack.emulator.posted) == 1
 
 
 async def test_retries_and_double_delivery_post_one_reply(slack: Harness) -> None:
@@ -207,9 +223,9 @@ async def test_retries_and_double_delivery_post_one_reply(slack: Harness) -> Non
     same = message(mention["text"], channel="C1", ts=mention["ts"])
     await slack.send(same)
     await slack.wait_thread("C1", mention["ts"], lambda t: any("Answer" in x for x in t))
-    await asyncio.sleep(1.0)
-    assert slack.thread("C1", mention["ts"]) == ["Answer to: is anyone there?"]
-    assert len(slack.engine.requests) == 1
+    texts = await slack.sentinel("C1", mention["ts"])
+    assert texts[0] == "Answer to: is anyone there?" and len(texts) == 2
+    assert len(slack.engine.requests) == 2  # the question once, then the sentinel
 
 
 @pytest.mark.parametrize(
@@ -229,8 +245,8 @@ async def test_bots_edits_and_other_events_never_trigger_a_reply(
 ) -> None:
     status, _ = await slack.send(event)
     assert status == 200
-    await asyncio.sleep(0.5)
-    assert slack.emulator.posted == []
+    assert await slack.sentinel() == ["Answer to: sentinel"]
+    assert len(slack.emulator.posted) == 1  # the sentinel's answer only
     assert slack.tasks[0].done() is False  # the adapter is still serving
 
 
@@ -269,10 +285,11 @@ async def test_a_rate_limited_post_is_retried_and_posted_once(slack: Harness) ->
     slack.emulator.fail_next("chat.update", status=429, retry_after_s=1)
     mention = app_mention("<@UBOT> are you rate limited?", channel="C1")
     await slack.send(mention)
-    texts = await slack.wait_thread("C1", mention["ts"], lambda t: any("Answer" in x for x in t))
-    await asyncio.sleep(1.0)
-    assert texts == ["Answer to: are you rate limited?"]
-    assert len(slack.emulator.calls_to("chat.update")) == 2  # the 429, then the success
+    await slack.wait_thread("C1", mention["ts"], lambda t: any("Answer" in x for x in t))
+    texts = await slack.sentinel("C1", mention["ts"])
+    assert texts[0] == "Answer to: are you rate limited?" and len(texts) == 2
+    # The 429 and the success for the answer, then the sentinel's answer.
+    assert len(slack.emulator.calls_to("chat.update")) == 3
 
 
 async def test_a_failed_generation_gets_an_apology_in_the_thread(
@@ -335,8 +352,8 @@ async def test_two_adapter_replicas_post_one_reply(
     )
     assert [status for status, _ in results] == [200, 200]
     await slack.wait_thread("C1", mention["ts"], lambda t: any("Answer" in x for x in t))
-    await asyncio.sleep(1.5)
-    assert slack.thread("C1", mention["ts"]) == ["Answer to: one answer please"]
+    texts = await slack.sentinel("C1", mention["ts"])
+    assert texts[0] == "Answer to: one answer please" and len(texts) == 2
 
 
 async def test_socket_mode_receives_acks_and_answers(
