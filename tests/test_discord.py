@@ -171,8 +171,10 @@ async def test_plain_channel_chatter_bots_and_everyone_are_ignored(discord_bot: 
     await emulator.send_message(CHANNEL, "@everyone meeting at 5", mention_everyone=True)
     await emulator.send_message(CHANNEL, f"<@&{GUILD}> hello role", mention_roles=[GUILD])
     await emulator.send_message(CHANNEL, f"{BOT} beep boop", author_id=OTHER_BOT_ID)
-    await asyncio.sleep(1.5)
-    assert discord_bot.sent_in(CHANNEL) == []
+    # A sentinel that must be answered, sent after them: by its answer they were handled.
+    await emulator.send_message(CHANNEL, f"{BOT} sentinel")
+    await discord_bot.wait_sent(CHANNEL, 1)
+    assert [s["content"] for s in discord_bot.sent_in(CHANNEL)] == ["Answer to: sentinel"]
 
 
 async def test_direct_messages_are_answered(discord_bot: Harness) -> None:
@@ -196,10 +198,9 @@ async def test_a_thread_is_its_own_conversation_once_the_bot_is_mentioned(
     thread = await emulator.create_thread(CHANNEL, "help with billing")
     tid = thread["id"]
     await emulator.send_message(tid, "anyone?")  # not yet joined: ignored
-    await asyncio.sleep(1.0)
-    assert discord_bot.sent_in(tid) == []
     await emulator.send_message(tid, f"{BOT} can you help with my invoice?")
-    await discord_bot.wait_sent(tid, 1)
+    [first] = await discord_bot.wait_sent(tid, 1)
+    assert "anyone" not in first["content"] and "invoice" in first["content"]
     await emulator.send_message(tid, "it's invoice 42", author_id=BOB_ID)  # no mention needed now
     sent = await discord_bot.wait_sent(tid, 2)
     assert "invoice 42" in sent[1]["content"]
