@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from core.generation import batcher as batcher_module
+from core.generation import prefixes as prefixes_module
 from core.generation.engine import GenerationRequest
 from core.generation.transformers_engine import TransformersEngine
 from core.settings import DEFAULT_PERSONA, Settings
@@ -53,8 +53,8 @@ async def test_a_burst_with_one_persona_prefills_the_persona_once(
     assert await answers(engine, requests) == [(g.text, g.new_tokens) for g in alone]
     encoded = [engine.encode_with_prefix(r.turns) for r in requests]
     prefix = encoded[0][1]
-    assert prefix >= batcher_module.MIN_PREFIX_TOKENS
-    assert {tuple(ids[:prefix]) for ids, _ in encoded} == set(engine.batcher._prefixes)
+    assert prefix >= prefixes_module.MIN_PREFIX_TOKENS
+    assert {tuple(ids[:prefix]) for ids, _ in encoded} == set(engine.batcher.prefixes)
     # The persona went through the model once; then only each prompt's rest.
     assert engine.batcher.prefilled_tokens == prefix + sum(len(ids) - prefix for ids, _ in encoded)
     before = engine.batcher.prefilled_tokens
@@ -80,18 +80,18 @@ async def test_personas_mixed_in_one_burst_each_start_from_their_own_prefix(
     ]
     alone = [engine.generate_sync([r])[0] for r in requests]
     assert await answers(engine, requests) == [(g.text, g.new_tokens) for g in alone]
-    assert len(engine.batcher._prefixes) == 2  # A and B; the prompt with no persona has none
+    assert len(engine.batcher.prefixes) == 2  # A and B; the prompt with no persona has none
     assert engine.batcher.peak_batch_size == len(requests)  # they still decoded together
 
 
 async def test_kept_prefixes_are_bounded(
     tiny_engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(batcher_module, "PREFIX_ENTRIES", 2)
+    monkeypatch.setattr(prefixes_module, "PREFIX_ENTRIES", 2)
     engine = own_engine(tiny_engine)
     for n, persona in enumerate([PERSONA_A, PERSONA_B, PERSONA_A + " Be cheerful.", PERSONA_B]):
         await answers(engine, [ask(persona, "hello", n, tokens=2)])
-    kept = list(engine.batcher._prefixes)
+    kept = list(engine.batcher.prefixes)
     assert len(kept) == 2
     assert kept[-1] == tuple(
         engine.encode_with_prefix(ask(PERSONA_B, "x", 0).turns)[0][: len(kept[-1])]
@@ -130,13 +130,13 @@ async def test_kept_prefixes_stay_within_their_bytes(
 ) -> None:
     engine = own_engine(tiny_engine)
     await answers(engine, [ask(PERSONA_A, "hello", 0, tokens=2)])
-    one = engine.batcher.kept_prefix_bytes()
+    one = engine.batcher.prefixes.nbytes()
     assert one > 0
-    monkeypatch.setattr(batcher_module, "PREFIX_BYTES", one * 2 + one // 2)  # room for two
+    monkeypatch.setattr(prefixes_module, "PREFIX_BYTES", one * 2 + one // 2)  # room for two
     for n, persona in enumerate([PERSONA_A + " Today.", PERSONA_A + " Tomorrow.", PERSONA_B]):
         await answers(engine, [ask(persona, "hello", n, tokens=2)])
-    assert len(engine.batcher._prefixes) == 2
-    assert engine.batcher.kept_prefix_bytes() <= batcher_module.PREFIX_BYTES
+    assert len(engine.batcher.prefixes) == 2
+    assert engine.batcher.prefixes.nbytes() <= prefixes_module.PREFIX_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ async def test_the_bundled_model_replies_the_same_with_and_without_kept_prefixes
 ) -> None:
     requests = [ask(DEFAULT_PERSONA, q, n, tokens=24) for n, q in enumerate(QUESTIONS)]
     with_prefix = await answers(fp32_engine, requests)
-    assert fp32_engine.batcher._prefixes
+    assert fp32_engine.batcher.prefixes
     fp32_engine.batcher._can_reuse_prefixes = False
     try:
         without = await answers(fp32_engine, requests)

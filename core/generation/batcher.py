@@ -12,8 +12,8 @@ the batch changes at every decoding step instead:
 
 Prompts that open the same way (the template's opening and the system turn: the persona,
 shared by every conversation of a workspace) are prefilled from that prefix's keys and
-values, computed once and kept (`PREFIX_ENTRIES` prefixes, least recently used dropped):
-only what follows it goes through the model. With the default persona that is 49 of the 63
+values, computed once and kept (`core.generation.prefixes`): only what follows it goes
+through the model. With the default persona that is 49 of the 63
 tokens of a one-line question's prompt.
 
 Decoding is greedy with the repetition penalty that `generate` applied (a boolean mask of
@@ -33,7 +33,6 @@ import inspect
 import logging
 import queue
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from core.generation.engine import FinishReason, Generation, GenerationRequest, TextListener
 from core.generation.kv_cache import cache_layers, new_cache, set_kv
 from core.generation.lean_decode import lean_decoder
+from core.generation.prefixes import MIN_PREFIX_TOKENS, KeptPrefixes, LayerKV, Prefix
 from core.generation.watermarking import bias_logits
 from core.watermark import Watermark
 
@@ -54,12 +54,6 @@ log = logging.getLogger(__name__)
 # steps instead of in one long prefill, so the replies already running do not stall and
 # the first arrivals see words sooner (the first request always joins, whatever its size).
 PREFILL_TOKENS = 512
-# Prompt prefixes (a persona) whose keys and values are kept: at most this many, in at most
-# this many bytes (the bundled model's are 45 KiB a token in fp32: a 500-token persona takes
-# 22 MiB), and the shortest worth keeping.
-PREFIX_ENTRIES = 16
-PREFIX_BYTES = 256 * 1024 * 1024
-MIN_PREFIX_TOKENS = 16
 
 Done = Callable[[Generation], None]
 
@@ -121,9 +115,7 @@ class ContinuousBatcher:
         self._running = False
         self._cancelled: set[str] = set()
         self._active: dict[int, Submitted] = {}  # taken from the queue, not yet finished
-        # Keys and values of prompt prefixes: per layer [1, heads, prefix, dim] (engine thread).
-        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]
-        self._prefixes = OrderedDict()
+        self.prefixes = KeptPrefixes()  # used on the engine thread only
         self._can_reuse_prefixes = all(
             hasattr(layer, "replace") for layer in cache_layers(new_cache(model.config))
         )
@@ -207,7 +199,7 @@ class ContinuousBatcher:
 
     def _prefill_all(self, arrived: list[Submitted]) -> Batch | None:
         """Prefill the arrivals, those that open with the same prefix together."""
-        groups: dict[tuple[int, ...], list[Submitted]] = {}
+        groups: dict[Prefix, list[Submitted]] = {}
         for item in arrived:
             groups.setdefault(self._prefix_of(item), []).append(item)
         batch: Batch | None = None
@@ -217,7 +209,7 @@ class ContinuousBatcher:
                 batch = joining if batch is None else _merge(batch, joining)
         return batch
 
-    def _prefill_group(self, group: list[Submitted], prefix: tuple[int, ...]) -> Batch | None:
+    def _prefill_group(self, group: list[Submitted], prefix: Prefix) -> Batch | None:
         try:
             return self._prefill(group, prefix)
         except Exception:
@@ -233,7 +225,7 @@ class ContinuousBatcher:
                 batch = alone if batch is None else _merge(batch, alone)
         return batch
 
-    def _prefix_of(self, item: Submitted) -> tuple[int, ...]:
+    def _prefix_of(self, item: Submitted) -> Prefix:
         """The prefix whose keys and values `item` can start from (empty: none)."""
         size = item.prefix_tokens
         if not self._can_reuse_prefixes or size < MIN_PREFIX_TOKENS:
@@ -243,10 +235,9 @@ class ContinuousBatcher:
         return tuple(item.prompt_ids[:size])
 
     @torch.inference_mode()
-    def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        kept = self._prefixes.get(prefix)
+    def _prefix_kv(self, prefix: Prefix) -> LayerKV:
+        kept = self.prefixes.get(prefix)
         if kept is not None:
-            self._prefixes.move_to_end(prefix)
             return kept
         cache = new_cache(self.model.config)
         tokens = torch.tensor([prefix], device=self.device)
@@ -260,20 +251,11 @@ class ContinuousBatcher:
         )
         self.prefilled_tokens += len(prefix)
         kept = [(layer.keys.clone(), layer.values.clone()) for layer in cache_layers(cache)]
-        self._prefixes[prefix] = kept
-        while len(self._prefixes) > PREFIX_ENTRIES or (
-            len(self._prefixes) > 1 and self.kept_prefix_bytes() > PREFIX_BYTES
-        ):
-            self._prefixes.popitem(last=False)
+        self.prefixes.keep(prefix, kept)
         return kept
 
-    def kept_prefix_bytes(self) -> int:
-        return sum(
-            keys.nbytes + values.nbytes for kept in self._prefixes.values() for keys, values in kept
-        )
-
     @torch.inference_mode()
-    def _prefill(self, arrived: list[Submitted], prefix: tuple[int, ...] = ()) -> Batch:
+    def _prefill(self, arrived: list[Submitted], prefix: Prefix = ()) -> Batch:
         """One forward over the arrivals' prompts, left padded; with a `prefix`, over what
         follows it only, the prefix's keys and values copied into every row first (the
         cache's columns are then [prefix][padding][rest of the prompt])."""
