@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.generation.engine import GenerationRequest
 from core.generation.kv_cache import cache_layers, new_cache
 from core.generation.lean_decode import lean_decoder
 from core.generation.transformers_engine import TransformersEngine
@@ -83,8 +84,25 @@ def test_the_lean_step_matches_transformers_on_a_left_padded_batch(
     assert_same_steps(tiny_engine.model, steps=12, tolerance=1e-5)
 
 
-def test_the_engine_decodes_through_the_lean_step(tiny_engine: TransformersEngine) -> None:
-    assert tiny_engine.batcher.lean is not None
+async def test_the_engine_decodes_through_the_lean_step(tiny_engine: TransformersEngine) -> None:
+    """Every decoding step of a reply goes through the lean step, not only exists."""
+    engine = TransformersEngine(
+        tiny_engine.model, tiny_engine.tokenizer, context_tokens=512, max_batch_size=4
+    )
+    lean = engine.batcher.lean
+    assert lean is not None
+    calls = 0
+
+    def counting(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return lean(*args)
+
+    engine.batcher.lean = counting  # type: ignore[assignment]
+    turns: list[Any] = [{"role": "user", "content": "where is my parcel"}]
+    reply = await engine.stream(GenerationRequest("lean", turns, 12), lambda _t: None)
+    assert reply.new_tokens > 1
+    assert calls == engine.batcher.decode_steps > 0
 
 
 @pytest.mark.slow
