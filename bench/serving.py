@@ -54,7 +54,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import redis.asyncio as aioredis  # noqa: E402
 
 from bench.batching import LENGTHS, QUESTIONS  # noqa: E402  (the same mixed workload)
 from core.conversation import ConversationKey  # noqa: E402
@@ -64,6 +63,7 @@ from core.generation.transformers_engine import TransformersEngine, load_engine 
 from core.inbound import submit_user_message  # noqa: E402
 from core.jobs import JobQueue  # noqa: E402
 from core.keys import Keys  # noqa: E402
+from core.redis_conn import connect  # noqa: E402
 from core.redis_server import RedisServer  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.store import ConversationStore  # noqa: E402
@@ -179,7 +179,7 @@ def _instant_worker(mapping: dict[str, str], consumer: str, stop: Any, ready: An
 
     async def main() -> None:
         settings = Settings.from_mapping(mapping)
-        redis = aioredis.Redis.from_url(mapping["REDIS_URL"], decode_responses=True)
+        redis = connect(mapping["REDIS_URL"])
         worker = Worker(redis, settings, Instant(None, {}), consumer=consumer)
         task = asyncio.create_task(worker.run())
         await redis.ping()
@@ -241,7 +241,7 @@ async def run_load(
         **({} if batch_wait_ms is None else {"CHATBOT_BATCH_WAIT_MS": str(batch_wait_ms)}),
     }
     settings = Settings.from_mapping(mapping)
-    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    redis = connect(redis_url)
     keys = Keys(namespace)
     store = ConversationStore.from_settings(redis, settings)
     queue = JobQueue(redis, keys)
@@ -254,7 +254,7 @@ async def run_load(
         if not await asyncio.to_thread(ready.wait, 120):  # its imports take a few seconds
             raise RuntimeError("the worker process did not start")
     else:
-        worker_redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        worker_redis = connect(redis_url)
         worker = Worker(worker_redis, settings, engine, consumer=f"bench-{mode}")
         worker_task = asyncio.create_task(worker.run())
     submitted: dict[str, float] = {}

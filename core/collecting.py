@@ -65,7 +65,8 @@ class Collector:
                 await self.give_up(job, f"delivered {job.deliveries - 1} times without success")
             elif job.entry_id not in self.deferred:
                 runnable.append(job)
-        fresh = [job for job in runnable if job not in locked]
+        locked_ids = {job.entry_id for job in locked}
+        fresh = [job for job in runnable if job.entry_id not in locked_ids]
         batch, later = fair_share(fresh, room_in_batch)
         chosen = await self.queue.claim_parked([j for j in batch if j.entry_id in parked])
         taken = {j.entry_id for j in chosen}
@@ -74,7 +75,7 @@ class Collector:
         if parked and not batch and not locked:
             # Only parked jobs another worker claimed a moment ago: not a spin.
             await asyncio.sleep(PARKED_CLAIM_MIN_IDLE_MS / 1000)
-        return [*(job for job in runnable if job in locked), *batch]
+        return [*(job for job in runnable if job.entry_id in locked_ids), *batch]
 
     async def _reclaim(self) -> list[Job]:
         """Jobs other workers left unfinished, looked for every `reclaim_idle_s / 2`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -38,8 +39,8 @@ class ConversationKey:
         if not self.platform or not self.channel:
             raise ValueError("a conversation needs a platform and a channel")
 
-    @property
-    def id(self) -> str:
+    @functools.cached_property
+    def id(self) -> str:  # computed once: every Redis key of the conversation names it
         parts = (self.platform, self.workspace, self.channel, self.thread)
         return ":".join(_part(p) for p in parts)
 

@@ -17,6 +17,7 @@ from core.conversation import ConversationKey, Message, Reply, ReplyId, Role
 from core.errors import POLITE_FAILURE
 from core.jobs import Job, JobQueue, Outbox
 from core.policy import Draft, disclosure_line
+from core.redis_batching import together
 from core.redis_conn import with_retry
 from core.store import ConversationStore
 from core.support.feedback import Feedback
@@ -44,8 +45,11 @@ class Delivery:
             "committing a reply", lambda: self.store.commit_reply(reply, message)
         )
         if committed:
-            await with_retry("counting a reply", lambda: self.feedback.record_reply(reply))
-            await self.deliver(reply)
+            # Side by side (one round trip): the count and the reply on its way.
+            await together(
+                with_retry("counting a reply", lambda: self.feedback.record_reply(reply)),
+                self.deliver(reply),
+            )
         else:
             log.info("reply %s was already committed by another worker; dropped", reply.reply_id)
         await with_retry("acknowledging jobs", lambda: self.queue.ack(entry_ids))

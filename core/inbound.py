@@ -15,6 +15,7 @@ from core.admission import BUSY_TEXT, RATE_LIMITED_TEXT, RateLimiter
 from core.context import handling
 from core.conversation import ConversationKey, Message, Role
 from core.jobs import JobQueue
+from core.redis_batching import together
 from core.redis_conn import with_retry
 from core.store import ConversationStore
 from core.support.handoff import Handoff, Handoffs
@@ -129,7 +130,8 @@ async def _submit(
 ) -> Submission:
     give_up_at = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     retry = Retry(stop, give_up_at)
-    config, handoff = await _conversation_settings(store, conversation, retry)
+    dedupe = dedupe_id or message_id
+    config, handoff, admitted = await _read_situation(store, queue, conversation, dedupe, retry)
     if not config.allows(conversation.channel, direct=direct):
         why = "channel not enabled" if config.served else "workspace not listed"
         log.debug("%s: %s (workspace settings, CHATBOT_WORKSPACES)", conversation.id, why)
@@ -142,9 +144,8 @@ async def _submit(
             "message %s in %s shortened to %d characters", message_id, conversation.id, max_chars
         )
     agent = handoff is not None and is_agent is not None and await is_agent()
-    dedupe = dedupe_id or message_id
     if handoff is None:
-        refused = await _admission(store, queue, conversation, author_id, dedupe, retry)
+        refused = await _admission(store, conversation, author_id, admitted, retry)
         if refused is not None:
             return refused
     message = Message(
@@ -168,22 +169,28 @@ async def _submit(
     return replace(submission, truncated=clean.truncated)
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    """What admission reads (with the conversation's settings, in one round trip)."""
+
+    retried: bool  # a platform's retry of a message admitted before
+    waiting: int  # jobs in the queue
+
+
 async def _admission(
     store: ConversationStore,
-    queue: JobQueue,
     conversation: ConversationKey,
     author_id: str,
-    dedupe: str,
+    admitted: _Admitted,
     retry: Retry,
 ) -> Submission | None:
     """None when the message may be queued; else what to answer instead."""
     settings, platform = store.settings, conversation.platform
     # A platform's retry of a message admitted before is not a new message: it must not
     # count against the user's rate, nor be refused because the queue has filled since.
-    seen = store.keys.seen(conversation, dedupe)
-    if await retry("checking for a retry", lambda: store.redis.exists(seen)):
+    if admitted.retried:
         return None
-    if await retry("measuring the queue", queue.waiting) >= settings.max_queued_jobs:
+    if admitted.waiting >= settings.max_queued_jobs:
         log.warning(
             "job queue holds %d jobs or more (CHATBOT_MAX_QUEUED_JOBS): a message was refused",
             settings.max_queued_jobs,
@@ -203,17 +210,28 @@ async def _admission(
     return Submission(Outcome.RATE_LIMITED, reply_text=RATE_LIMITED_TEXT if decision.notify else "")
 
 
-async def _conversation_settings(
-    store: ConversationStore, conversation: ConversationKey, retry: Retry
-) -> tuple[WorkspaceConfig, Handoff | None]:
+async def _read_situation(
+    store: ConversationStore,
+    queue: JobQueue,
+    conversation: ConversationKey,
+    dedupe: str,
+    retry: Retry,
+) -> tuple[WorkspaceConfig, Handoff | None, _Admitted]:
+    """The workspace's settings, the handoff state and what admission needs: four reads,
+    side by side (the client sends them in one round trip)."""
     workspaces = Workspaces(store.redis, store.keys, store.settings)
-    config = await retry(
-        "reading workspace settings",
-        lambda: workspaces.config(conversation.platform, conversation.workspace),
-    )
     handoffs = Handoffs(store.redis, store.keys, store.ttl_s)
-    handoff = await retry("reading the handoff state", lambda: handoffs.get(conversation))
-    return config, handoff
+    seen = store.keys.seen(conversation, dedupe)
+    config, handoff, retried, waiting = await together(
+        retry(
+            "reading workspace settings",
+            lambda: workspaces.config(conversation.platform, conversation.workspace),
+        ),
+        retry("reading the handoff state", lambda: handoffs.get(conversation)),
+        retry("checking for a retry", lambda: store.redis.exists(seen)),
+        retry("measuring the queue", queue.waiting),
+    )
+    return config, handoff, _Admitted(bool(retried), int(waiting))
 
 
 async def _store_and_enqueue(
@@ -233,18 +251,24 @@ async def _store_and_enqueue(
     if not added.is_new and added.settled:
         return Submission(Outcome.DUPLICATE, seq=added.seq)
     user_data = UserData(store.redis, store.keys, store.ttl_s)
-    await retry(
-        "indexing the user's conversations",
-        lambda: user_data.note_participation(
-            conversation.platform, message.author_id, conversation.id
-        ),
-    )
-    if not handed_off:  # while a person has the conversation, nothing is enqueued
-        await retry(
-            "enqueueing a job",
-            lambda: queue.enqueue(
-                conversation, added.seq, message.message_id, message.author_id, received_at
+    steps: list[Awaitable[object]] = [
+        retry(
+            "indexing the user's conversations",
+            lambda: user_data.note_participation(
+                conversation.platform, message.author_id, conversation.id
             ),
         )
+    ]
+    if not handed_off:  # while a person has the conversation, nothing is enqueued
+        steps.append(
+            retry(
+                "enqueueing a job",
+                lambda: queue.enqueue(
+                    conversation, added.seq, message.message_id, message.author_id, received_at
+                ),
+            )
+        )
+    # Both done (side by side: one round trip) before the message is marked settled.
+    await together(*steps)
     await retry("marking a message settled", lambda: store.mark_settled(conversation, dedupe))
     return Submission(Outcome.HANDED_OFF if handed_off else Outcome.QUEUED, seq=added.seq)

@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -336,13 +336,15 @@ def fair_share(jobs: list[Job], size: int) -> tuple[list[Job], list[Job]]:
     for conversation_jobs in by_conversation.values():
         by_author[conversation_jobs[0].author].append(conversation_jobs)
     taken: list[Job] = []
-    queues = list(by_author.values())
+    # Each author's conversations, oldest first; a round takes one from each author.
+    # (Rounds rebuild the list of authors left instead of removing from it: `list.remove`
+    # compared whole queues of jobs, most of a flood's collecting time.)
+    queues = [deque(q) for q in by_author.values()]
     while queues and len(taken) < size:
-        for queue in list(queues):
-            taken += queue.pop(0)
-            if not queue:
-                queues.remove(queue)
+        for queue in queues:
+            taken += queue.popleft()
             if len(taken) >= size:
                 break
+        queues = [q for q in queues if q]
     chosen = {j.entry_id for j in taken}
     return taken, [j for j in jobs if j.entry_id not in chosen]

@@ -40,6 +40,7 @@ from core.knowledge.answers import (
     retrieval_query,
 )
 from core.knowledge.retrieval import Retriever
+from core.redis_batching import together
 from core.settings import DEFAULT_PERSONA, Settings
 from core.support.forget import (
     FORGET_CONFIRM_TEXT,
@@ -213,6 +214,14 @@ def generated_spans(text: str, generated: str) -> list[list[int]]:
 Plan = StayQuiet | ConfirmForget | ForgetUser | StartHandoff | PostText | Generate
 
 
+@dataclass(frozen=True)
+class Situation:
+    """A conversation's settings and state that decide the plan (`AnswerPolicy.read`)."""
+
+    config: WorkspaceConfig
+    handed_off: bool
+
+
 class AnswerPolicy:
     def __init__(
         self,
@@ -228,11 +237,27 @@ class AnswerPolicy:
         self.forget_requests = forget_requests
         self.retriever = retriever
 
-    async def decide(self, conversation: ConversationKey, history: Sequence[Message]) -> Plan:
+    async def read(self, conversation: ConversationKey) -> Situation:
+        """What `decide` needs from Redis besides the history: the workspace's settings and
+        whether a person has the conversation (two reads, side by side: one round trip)."""
+        config, handoff = await together(
+            self.workspaces.config(conversation.platform, conversation.workspace),
+            self.handoffs.get(conversation),
+        )
+        return Situation(config, handed_off=handoff is not None)
+
+    async def decide(
+        self,
+        conversation: ConversationKey,
+        history: Sequence[Message],
+        situation: Situation | None = None,
+    ) -> Plan:
         """The plan for the newest user message of `history`, its replies disclosed as the
-        workspace asks."""
-        config = await self.workspaces.config(conversation.platform, conversation.workspace)
-        plan = await self._decide(conversation, history, config)
+        workspace asks. `situation`: `read`'s, when the caller read it already."""
+        if situation is None:
+            situation = await self.read(conversation)
+        config, handed_off = situation.config, situation.handed_off
+        plan = await self._decide(conversation, history, config, handed_off=handed_off)
         if not config.disclosure:
             return plan
         if isinstance(plan, Generate):
@@ -242,9 +267,14 @@ class AnswerPolicy:
         return plan
 
     async def _decide(
-        self, conversation: ConversationKey, history: Sequence[Message], config: WorkspaceConfig
+        self,
+        conversation: ConversationKey,
+        history: Sequence[Message],
+        config: WorkspaceConfig,
+        *,
+        handed_off: bool,
     ) -> Plan:
-        if await self.handoffs.get(conversation) is not None:
+        if handed_off:
             return StayQuiet()
         newest = next(m for m in reversed(history) if m.role is Role.USER)
         # Asked to confirm forgetting? A "yes" does it; anything else keeps the data.

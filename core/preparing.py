@@ -23,7 +23,8 @@ from core.generation.engine import Engine, GenerationRequest
 from core.generation.prompt import build_prompt
 from core.jobs import Job, JobQueue
 from core.plans import PlanRunner
-from core.policy import AnswerPolicy, Generate
+from core.policy import AnswerPolicy, Generate, Situation
+from core.redis_batching import together
 from core.redis_conn import TRANSIENT_ERRORS
 from core.settings import Settings
 from core.store import ConversationLock, ConversationStore
@@ -116,24 +117,25 @@ class Preparer:
     async def _conversation(
         self, conversation: ConversationKey, jobs: list[Job]
     ) -> Prepared | None:
-        state = await self.store.state(conversation)
-        if state.pending_reply is None and all(j.seq <= state.answered for j in jobs):
-            await self._ack_answered(conversation, jobs, state.answered)
-            return None
         async with contextlib.AsyncExitStack() as stack:
-            lock = await stack.enter_async_context(
-                self.store.lock(conversation, self.settings.lock_ttl_s)
+            # The state (are these jobs answered already?) and the lock in one round trip.
+            state, lock = await together(
+                self.store.state(conversation),
+                stack.enter_async_context(self.store.lock(conversation, self.settings.lock_ttl_s)),
             )
+            if state.pending_reply is None and all(j.seq <= state.answered for j in jobs):
+                await self._ack_answered(conversation, jobs, state.answered)
+                return None  # leaving the block releases the lock
             if not lock.held:
                 for job in jobs:  # another worker is answering; look again next step
                     self.collector.defer(job)
                 return None
-            waiting = await self._settle(conversation, jobs)
-            history = await self._history_for(conversation, waiting) if waiting else None
+            waiting, stored, situation = await self._settle(conversation, jobs)
+            history = await self._holding(conversation, waiting, stored) if waiting else None
             if not history:
                 return None
             newest = next(m for m in reversed(history) if m.role is Role.USER)
-            plan = await self.policy.decide(conversation, history)
+            plan = await self.policy.decide(conversation, history, situation)
             if not isinstance(plan, Generate):
                 await self.plans.carry_out(plan, conversation, waiting, newest)
                 return None
@@ -145,21 +147,27 @@ class Preparer:
             return Prepared(conversation, waiting, newest, lock, stack.pop_all(), request, plan)
         return None  # not reached; mypy cannot tell that the stack never swallows errors
 
-    async def _settle(self, conversation: ConversationKey, jobs: list[Job]) -> list[Job]:
+    async def _settle(
+        self, conversation: ConversationKey, jobs: list[Job]
+    ) -> tuple[list[Job], list[Message], Situation]:
         """Under the lock: deliver a reply a dead worker committed but never handed to the
         outbox (only here, so two workers never both deliver it), acknowledge the jobs
-        already answered, and return the ones still waiting."""
-        state = await self.store.state(conversation)
+        already answered; return the ones still waiting, the history and what the policy
+        reads (all read with the state, in one round trip)."""
+        state, history, situation = await together(
+            self.store.state(conversation),
+            self.store.history(conversation),
+            self.policy.read(conversation),
+        )
         if state.pending_reply is not None:
             await self.delivery.deliver(state.pending_reply)
         await self._ack_answered(conversation, jobs, state.answered)
-        return [j for j in jobs if j.seq > state.answered]
+        return [j for j in jobs if j.seq > state.answered], history, situation
 
-    async def _history_for(
-        self, conversation: ConversationKey, waiting: list[Job]
+    async def _holding(
+        self, conversation: ConversationKey, waiting: list[Job], history: list[Message]
     ) -> list[Message] | None:
         """The history, if it holds the messages the jobs are for (else they are dropped)."""
-        history = await self.store.history(conversation)
         users = [m for m in history if m.role is Role.USER]
         if users and users[-1].seq >= max(j.seq for j in waiting):
             return history

@@ -27,6 +27,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core.redis_batching import Batching
 from core.redis_url import RedisTarget, Topology, parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def connect(url: str) -> Redis:
             startup_nodes=nodes, username=target.username, password=target.password, **options
         )
         return cast(Redis, cluster)
-    return aioredis.Redis.from_url(url, **options)
+    return Batching.from_url(url, **options)
 
 
 def is_cluster(redis: Redis) -> bool:
@@ -220,7 +221,7 @@ class _MasterConnection(SentinelManagedConnection):
             raise RedisConnectionError(f"the master refused a write: {exc}") from exc
 
 
-class SentinelMaster(aioredis.Redis):
+class SentinelMaster(Batching):
     """The master's client; closing it closes its connections to the sentinels too."""
 
     sentinel_manager: Sentinel | None = None

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from core.generation.model_files import prepare_model
 from core.generation.transformers_engine import TransformersEngine
 from core.keys import Keys
+from core.redis_conn import connect
 from core.redis_server import RedisServer
 from core.settings import Settings
 
@@ -83,7 +84,7 @@ def keys(namespace: str) -> Keys:
 
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    client = connect(redis_server.url)  # the product's client (`core.redis_batching`)
     yield client
     await client.aclose()
 
