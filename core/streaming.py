@@ -21,6 +21,7 @@ from typing import Any
 from core.conversation import Reply
 from core.jobs import Outbox
 from core.keys import REPLY_STREAM_MAXLEN, REPLY_STREAM_TTL_S, Keys
+from core.redis_batching import together
 from core.redis_conn import TRANSIENT_ERRORS, Redis
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,19 @@ class ReplyPublisher:
             return
         if not self.opened:
             self.opened = True  # first: a cancel mid-publish must still close it
-            await self.outbox.publish(opening(self.reply))
+            # The opening (on the outbox, where adapters learn of the stream) and the first
+            # text go side by side, in one round trip and in this order.
+            await together(self.outbox.publish(opening(self.reply)), self._append(text))
+        else:
+            await self._append(text)
+        self._published = text
+
+    async def _append(self, text: str) -> None:
         fields: dict[Any, Any] = {"text": text}
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(self.stream, fields, maxlen=REPLY_STREAM_MAXLEN, approximate=True)
             pipe.expire(self.stream, REPLY_STREAM_TTL_S)
             await pipe.execute()
-        self._published = text
 
     async def stop(self) -> None:
         """Stop publishing (generation is over); the committed reply carries the rest."""

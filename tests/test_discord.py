@@ -244,8 +244,14 @@ async def test_a_rate_limited_send_is_retried_and_posted_once(discord_bot: Harne
     discord_bot.emulator.rate_limit_next("POST /channels", retry_after_s=0.3)
     await discord_bot.emulator.send_message(CHANNEL, f"{BOT} are you there?")
     await discord_bot.wait_sent(CHANNEL, 1)
-    await asyncio.sleep(1.0)
-    assert [s["content"] for s in discord_bot.sent_in(CHANNEL)] == ["Answer to: are you there?"]
+    # A sentinel that must be answered: a second copy of the first reply would come before
+    # its answer (one outbox, in order).
+    await discord_bot.emulator.send_message(CHANNEL, f"{BOT} sentinel")
+    await discord_bot.wait_sent(CHANNEL, 2)
+    assert [s["content"] for s in discord_bot.sent_in(CHANNEL)] == [
+        "Answer to: are you there?",
+        "Answer to: sentinel",
+    ]
 
 
 async def test_a_dropped_connection_resumes_without_a_second_reply(discord_bot: Harness) -> None:
@@ -259,10 +265,13 @@ async def test_a_dropped_connection_resumes_without_a_second_reply(discord_bot: 
     await discord_bot.wait_sent(CHANNEL, 2)
     await emulator.drop_connection(4000)  # and again: replays must not be answered twice
     await emulator.wait_for(lambda: emulator.resume_count >= 2, 20)
-    await asyncio.sleep(1.5)
+    # A sentinel sent after the resume: the replayed events came before it.
+    await emulator.send_message(CHANNEL, f"{BOT} sentinel")
+    await discord_bot.wait_sent(CHANNEL, 3)
     assert [s["content"] for s in discord_bot.sent_in(CHANNEL)] == [
         "Answer to: first question",
         "Answer to: asked while you were away",
+        "Answer to: sentinel",
     ]
     assert emulator.identify_count == 1
 
@@ -349,7 +358,9 @@ async def test_dms_are_answered_where_the_workspace_limits_channels(discord_bot:
     dm = await discord_bot.emulator.send_dm(ANN_ID, "hello in private")
     [sent] = await discord_bot.wait_sent(dm["channel_id"], 1)
     assert sent["content"] == "Answer to: hello in private"
-    await asyncio.sleep(1.0)
+    # A sentinel in the DM, sent after: answered, so the message before it was handled.
+    await discord_bot.emulator.send_dm(ANN_ID, "sentinel")
+    await discord_bot.wait_sent(dm["channel_id"], 2)
     assert discord_bot.sent_in(DEFAULT_SECOND_CHANNEL_ID) == []
 
 
@@ -436,11 +447,19 @@ async def test_a_thumbs_up_reaction_rates_the_answer(discord_bot: Harness) -> No
         return (await feedback.ratings(conversation)).get(rating) == value
 
     await wait_for(lambda: rated(1), 10, "the rating")
-    await asyncio.sleep(0.5)  # the ignored reactions came first: nothing else is recorded
-    assert await feedback.ratings(conversation) == {rating: 1}
+    # A sentinel rating, sent after the ignored reactions: once it is recorded, they were
+    # handled, and nothing else is recorded.
+    await emulator.add_user_reaction(answer["id"], "👎", user_id=ANN_ID)
+    ann_rating = f"{conversation.id}:1|{ANN_ID}"
+
+    async def sentinel_rated() -> bool:
+        return (await feedback.ratings(conversation)).get(ann_rating) == -1
+
+    await wait_for(sentinel_rated, 10, "the sentinel rating")
+    assert await feedback.ratings(conversation) == {rating: 1, ann_rating: -1}
     await emulator.add_user_reaction(answer["id"], "👎", user_id=BOB_ID)  # changes their mind
     await wait_for(lambda: rated(-1), 10, "the changed rating")
-    assert await feedback.ratings(conversation) == {rating: -1}
+    assert await feedback.ratings(conversation) == {rating: -1, ann_rating: -1}
 
 
 async def test_the_talk_to_a_person_button_and_release_command(discord_bot: Harness) -> None:

@@ -60,10 +60,10 @@ async def test_a_conversation_whose_preparation_fails_does_not_sink_the_batch(
     worker = Worker(redis, settings, engine)
     original = worker.policy.decide
 
-    async def decide(conversation: ConversationKey, history: Any) -> Any:
+    async def decide(conversation: ConversationKey, history: Any, *read: Any) -> Any:
         if conversation == A:
             raise RuntimeError("a bug in the policy")
-        return await original(conversation, history)
+        return await original(conversation, history, *read)
 
     worker.policy.decide = decide  # type: ignore[method-assign]
     await submit(redis, settings, A, "this one breaks", "a1")
