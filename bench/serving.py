@@ -21,8 +21,10 @@ from LENGTHS, so that replies differ in length as real ones do):
 - continuous: the product's engine (continuous batching) with streaming on.
 
 Loads: bursts of 1, 8 and 32 concurrent requests, and Poisson arrivals at given rates.
-`--overhead` measures the pipeline alone with an instant engine: messages/s and the latency
-the pipeline adds per message.
+`--overhead` measures the pipeline alone with an instant engine: messages/s, the latency
+the pipeline adds per message, and the CPU time each part spends per message (this
+process, the worker's process, redis-server), which is steadier than wall time on a
+machine whose speed drifts.
 
     .venv/bin/python bench/serving.py                          # the table in the note
     .venv/bin/python bench/serving.py --modes continuous --burst 8
@@ -174,8 +176,11 @@ class Instant(Budgeted):
         return [await self.stream(r, lambda _t: None) for r in requests]
 
 
-def _instant_worker(mapping: dict[str, str], consumer: str, stop: Any, ready: Any) -> None:
-    """A worker process with the instant engine, until `stop` is set."""
+def _instant_worker(
+    mapping: dict[str, str], consumer: str, stop: Any, ready: Any, cpu_s: Any
+) -> None:
+    """A worker process with the instant engine, until `stop` is set; `cpu_s` gets the CPU
+    seconds it used from `ready` to `stop` (its start-up left out)."""
 
     async def main() -> None:
         settings = Settings.from_mapping(mapping)
@@ -183,14 +188,21 @@ def _instant_worker(mapping: dict[str, str], consumer: str, stop: Any, ready: An
         worker = Worker(redis, settings, Instant(None, {}), consumer=consumer)
         task = asyncio.create_task(worker.run())
         await redis.ping()
+        started = time.process_time()
         ready.set()
         while not stop.is_set():
             await asyncio.sleep(0.05)
+        cpu_s.value = time.process_time() - started
         worker.stop()
         await task
         await redis.aclose()
 
     asyncio.run(main())
+
+
+async def _redis_cpu_s(redis: Any) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 def _ms(entry_id: str) -> float:
@@ -248,8 +260,10 @@ async def run_load(
     await queue.ensure_group()
     if worker_process:
         spawn = multiprocessing.get_context("spawn")
-        stop, ready = spawn.Event(), spawn.Event()
-        child = spawn.Process(target=_instant_worker, args=(mapping, f"bench-{mode}", stop, ready))
+        stop, ready, worker_cpu_s = spawn.Event(), spawn.Event(), spawn.Value("d", 0.0)
+        child = spawn.Process(
+            target=_instant_worker, args=(mapping, f"bench-{mode}", stop, ready, worker_cpu_s)
+        )
         child.start()
         if not await asyncio.to_thread(ready.wait, 120):  # its imports take a few seconds
             raise RuntimeError("the worker process did not start")
@@ -259,6 +273,7 @@ async def run_load(
         worker_task = asyncio.create_task(worker.run())
     submitted: dict[str, float] = {}
     started = time.time()
+    cpu_started, redis_cpu_started = time.process_time(), await _redis_cpu_s(redis)
     adapters = asyncio.Semaphore(64)  # submissions in flight at once, as a few adapters
 
     async def submit(index: int, at_s: float) -> None:
@@ -297,9 +312,18 @@ async def run_load(
         if len(entries) < 1000:
             await asyncio.sleep(0.05)
     finished = time.time()
+    # CPU time, steadier than wall time on a machine whose speed drifts: this process
+    # (the submissions as adapters make them, the bench's reads, and the worker unless it
+    # has a process of its own), the worker's process, redis-server.
+    here = "adapters and bench" if worker_process else "adapters, bench and worker"
+    cpu_s = {
+        here: time.process_time() - cpu_started,
+        "redis-server": await _redis_cpu_s(redis) - redis_cpu_started,
+    }
     if worker_process:
         stop.set()
         await asyncio.to_thread(child.join, 60)
+        cpu_s["worker process"] = worker_cpu_s.value
     else:
         worker.stop()
         await worker_task
@@ -332,6 +356,9 @@ async def run_load(
         "tpot_s": percentiles(tpot),
         "itl_s": percentiles(itl),
         "e2el_s": percentiles(e2el),
+        "cpu_us_per_request": {
+            part: round(seconds / max(len(finals), 1) * 1e6) for part, seconds in cpu_s.items()
+        },
     }
 
 
@@ -392,7 +419,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(
                     f"{load:>56}: {run['request_throughput']:7.1f} messages/s, "
                     f"added latency p50 {run['e2el_s']['p50'] * 1000:6.1f} ms "
-                    f"p99 {run['e2el_s']['p99'] * 1000:6.1f} ms",
+                    f"p99 {run['e2el_s']['p99'] * 1000:6.1f} ms; CPU µs per message "
+                    f"{run['cpu_us_per_request']}",
                     flush=True,
                 )
             return results
