@@ -13,10 +13,18 @@ reply or its own error, as if it had sent its command alone:
 - a command's error (a `ResponseError`, NOSCRIPT for a script that must be loaded again)
   is that command's only; a lost connection fails every command of the pipeline, as it
   would have failed each of them sent alone, and the callers retry (`with_retry`);
-- blocking commands (XREADGROUP BLOCK…) and the commands of `pipeline()` (MULTI/EXEC
-  included) go as before: a pipeline is a client of its own.
+- a non-transactional `pipeline()`'s commands join those of the turn too; blocking
+  commands (XREADGROUP BLOCK…) and transactions (MULTI/EXEC, WATCH) go as before, on a
+  connection of their own;
+- commands a caller issues one after the other still reach Redis in that order; the
+  commands of `together(a, b)` go in one round trip, in the order of its arguments.
 
-Measured with `bench/serving.py --overhead`: see the README's performance section.
+Redis Cluster keeps redis-py's own client (`core.redis_conn._Cluster`): a pipeline there is
+split by node, and `together` only runs its steps side by side.
+
+Measured with `bench/serving.py --overhead` (an instant engine, a burst of 2,000 messages,
+A/B against the client without this in one sitting): 1.1-1.9x the messages/s, and a
+quarter to a third of redis-server's CPU per message. See the README's performance section.
 """
 
 from __future__ import annotations
