@@ -118,14 +118,9 @@ class Preparer:
         self, conversation: ConversationKey, jobs: list[Job]
     ) -> Prepared | None:
         async with contextlib.AsyncExitStack() as stack:
-            # The state (are these jobs answered already?) and the lock in one round trip.
-            state, lock = await together(
-                self.store.state(conversation),
-                stack.enter_async_context(self.store.lock(conversation, self.settings.lock_ttl_s)),
+            lock = await stack.enter_async_context(
+                self.store.lock(conversation, self.settings.lock_ttl_s)
             )
-            if state.pending_reply is None and all(j.seq <= state.answered for j in jobs):
-                await self._ack_answered(conversation, jobs, state.answered)
-                return None  # leaving the block releases the lock
             if not lock.held:
                 for job in jobs:  # another worker is answering; look again next step
                     self.collector.defer(job)
