@@ -75,7 +75,6 @@ async def serve_worker(
     settings: Settings, redis: Redis, stop: asyncio.Event, probes: Probes | None = None
 ) -> None:
     """Load the model (in a thread, so the event loop keeps serving), then work until `stop`."""
-    from core.generation.transformers_engine import open_engine
     from core.knowledge.embeddings import load_embedder
     from core.knowledge.retrieval import Retriever
     from core.knowledge.store import KnowledgeBaseStore
@@ -83,36 +82,7 @@ async def serve_worker(
 
     if probes is not None:
         probes.check("worker", waiting("the model is not loaded yet"))
-    engine: Any
-    if settings.engine_url:
-        from core.generation.remote_engine import load_remote_engine
-        from core.generation.transformers_engine import engine_thread
-
-        executor = engine_thread()  # the tokenizer and the embedder load and run here
-        loop = asyncio.get_running_loop()
-        engine = await loop.run_in_executor(executor, load_remote_engine, settings, progress)
-        engine.executor = executor
-        log.info("generating with the engine at %s", settings.engine_url)
-        if settings.watermark_key:
-            log.warning(
-                "CHATBOT_WATERMARK_KEY is set, but replies from CHATBOT_ENGINE_URL cannot be "
-                "watermarked (only the local engine applies the watermark)"
-            )
-        loader = None
-        model = settings.model
-    else:
-        from core.generation.transformers_engine import LocalEngines
-        from core.training.registry import ModelRegistry
-
-        # A model promoted with `chatbot model promote` comes before CHATBOT_MODEL.
-        promoted = await with_retry(
-            "reading the promoted model", ModelRegistry(redis, Keys(settings.namespace)).current
-        )
-        model = promoted.path if promoted else settings.model
-        if promoted:
-            log.info("serving the promoted model %s (promoted by %s)", model, promoted.by)
-        engine = await open_engine(dataclasses.replace(settings, model=model), progress)
-        loader = LocalEngines(settings, engine.executor, progress)
+    engine, loader, model = await _open_engine(settings, redis)
     loop = asyncio.get_running_loop()
     try:
         embedder = await loop.run_in_executor(engine.executor, load_embedder, None, engine.executor)
@@ -132,6 +102,41 @@ async def serve_worker(
     finally:
         stop_wait.cancel()
         worker.engine.close()  # the one it serves now: a promoted model may have replaced it
+
+
+async def _open_engine(settings: Settings, redis: Redis) -> tuple[Any, Any, str]:
+    """The engine to serve (remote, or local: the promoted model before CHATBOT_MODEL), the
+    loader of promoted models (None for a remote engine) and the model's name."""
+    from core.generation.transformers_engine import open_engine
+
+    engine: Any
+    if settings.engine_url:
+        from core.generation.remote_engine import load_remote_engine
+        from core.generation.transformers_engine import engine_thread
+
+        executor = engine_thread()  # the tokenizer and the embedder load and run here
+        loop = asyncio.get_running_loop()
+        engine = await loop.run_in_executor(executor, load_remote_engine, settings, progress)
+        engine.executor = executor
+        log.info("generating with the engine at %s", settings.engine_url)
+        if settings.watermark_key:
+            log.warning(
+                "CHATBOT_WATERMARK_KEY is set, but replies from CHATBOT_ENGINE_URL cannot be "
+                "watermarked (only the local engine applies the watermark)"
+            )
+        return engine, None, settings.model
+    from core.generation.transformers_engine import LocalEngines
+    from core.training.registry import ModelRegistry
+
+    # A model promoted with `chatbot model promote` comes before CHATBOT_MODEL.
+    promoted = await with_retry(
+        "reading the promoted model", ModelRegistry(redis, Keys(settings.namespace)).current
+    )
+    model = promoted.path if promoted else settings.model
+    if promoted:
+        log.info("serving the promoted model %s (promoted by %s)", model, promoted.by)
+    engine = await open_engine(dataclasses.replace(settings, model=model), progress)
+    return engine, LocalEngines(settings, engine.executor, progress), model
 
 
 async def serve_slack(

@@ -221,6 +221,12 @@ async def cmd_model_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def add_training_commands(sub: Any) -> None:
+    """`chatbot train`, `data`, `model` and `eval`."""
+    _add_train_commands(sub)
+    _add_service_commands(sub)
+
+
+def _add_train_commands(sub: Any) -> None:
     train = sub.add_parser("train", help="fine-tune the chat model").add_subparsers(
         dest="train_command", required=True, metavar="METHOD"
     )
@@ -245,6 +251,10 @@ def add_training_commands(sub: Any) -> None:
         method.add_argument("--resume", action="store_true", help="continue from a checkpoint")
         method.set_defaults(handler=cmd_train_sft if name == "sft" else cmd_train_preference)
 
+
+def _add_service_commands(sub: Any) -> None:
+    """`chatbot data export`, `model list|promote|rollback` and `eval`: about the data and
+    the models of the running service."""
     data = sub.add_parser("data", help="training data from the service").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
     )
