@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 WAITING_CONSUMER = "waiting-their-turn"  # owns the jobs read ahead and parked (`park`)
 PARKED_CLAIM_MIN_IDLE_MS = 50
-REMEMBERED_ENTRIES = 8192  # parked jobs whose fields a worker keeps (`peek_parked`)
+REMEMBERED_ENTRIES = 8192  # parked jobs a worker keeps parsed (`peek_parked`)
 
 Entry = tuple[str, dict[str, str]]
 
@@ -73,7 +73,7 @@ class JobQueue:
         self.redis = redis
         self.keys = keys
         self.consumer = consumer
-        self._entries: dict[str, dict[str, str]] = {}  # parked jobs' fields, by entry id
+        self._jobs: dict[str, Job] = {}  # parked jobs, by entry id (entries never change)
 
     async def ensure_group(self) -> None:
         try:
@@ -172,12 +172,15 @@ class JobQueue:
             await self.redis.xclaim(
                 self.keys.jobs, WORKER_GROUP, WAITING_CONSUMER, 0, ids, justid=True
             )
+            for job in jobs:  # `peek_parked` need not read them back
+                self._remember(job)
 
     async def peek_parked(self, count: int) -> list[Job]:
         """Up to `count` parked jobs, oldest first, left parked: a batch takes the ones it
         chooses with `claim_parked`. (Taking them all and parking back what was not chosen
-        moved the whole read-ahead to and fro at every step: most of a flood's cost.) Their
-        fields are read once per worker: stream entries never change."""
+        moved the whole read-ahead to and fro at every step: most of a flood's cost.) A job
+        is parsed once per worker (stream entries never change), and one this worker parked
+        is not read back at all."""
         if count <= 0:
             return []
         pending: Any = await self.redis.xpending_range(
@@ -191,32 +194,42 @@ class JobQueue:
         if not pending:
             return []
         deliveries = {str(p["message_id"]): max(int(p["times_delivered"]), 1) for p in pending}
-        unknown = [entry_id for entry_id in deliveries if entry_id not in self._entries]
-        if unknown:
+        known = {e: self._jobs[e] for e in deliveries if e in self._jobs}
+        unknown = [entry_id for entry_id in deliveries if entry_id not in known]
+        malformed: dict[str, dict[str, str]] = {}
+        if unknown:  # parked by another worker: read once
             async with self.redis.pipeline(transaction=False) as pipe:
                 for entry_id in unknown:
                     pipe.xrange(self.keys.jobs, entry_id, entry_id)
                 found: list[Any] = await pipe.execute()
             for entry_id, entries in zip(unknown, found, strict=True):
-                self._remember(entry_id, entries[0][1] if entries else {})
+                fields = entries[0][1] if entries else {}
+                try:
+                    known[entry_id] = Job.from_entry(entry_id, fields, deliveries[entry_id])
+                except (KeyError, ValueError):  # trimmed away (no fields), or malformed
+                    malformed[entry_id] = fields
+                else:
+                    self._remember(known[entry_id])
         jobs: list[Job] = []
-        malformed: list[Any] = []
         for entry_id, delivered in deliveries.items():
-            try:
-                jobs.append(Job.from_entry(entry_id, self._entries[entry_id], delivered))
-            except (KeyError, ValueError):
-                malformed.append(entry_id)
+            job = known.get(entry_id)
+            if job is None:
+                continue  # malformed: handled below
+            if job.deliveries == delivered:
+                jobs.append(job)
+            else:
+                jobs.append(replace(job, deliveries=delivered))
         if malformed:  # dead-lettered by the worker that takes them, once
             taken: Any = await self.redis.xclaim(
                 self.keys.jobs,
                 WORKER_GROUP,
                 self.consumer,
                 PARKED_CLAIM_MIN_IDLE_MS,
-                malformed,
+                list(malformed),
                 justid=True,
             )
             for entry_id in map(str, taken):
-                await self._parse(entry_id, self._entries.get(entry_id, {}), deliveries[entry_id])
+                await self._parse(entry_id, malformed[entry_id], deliveries[entry_id])
         return jobs
 
     async def claim_parked(self, jobs: list[Job]) -> list[Job]:
@@ -236,10 +249,10 @@ class JobQueue:
         got = {str(entry_id) for entry_id in taken}
         return [j for j in jobs if j.entry_id in got]
 
-    def _remember(self, entry_id: str, fields: dict[str, str]) -> None:
-        self._entries[entry_id] = fields
-        while len(self._entries) > REMEMBERED_ENTRIES:
-            self._entries.pop(next(iter(self._entries)))
+    def _remember(self, job: Job) -> None:
+        self._jobs[job.entry_id] = job
+        while len(self._jobs) > REMEMBERED_ENTRIES:
+            self._jobs.pop(next(iter(self._jobs)))
 
     async def touch(self, entry_ids: list[Any]) -> None:
         """Reset the idle time of jobs this consumer is still working on, and only of those

@@ -10,7 +10,7 @@ from typing import Any
 from bot.outbox import MAX_POST_ATTEMPTS, OutboxConsumer, PostedParts
 from core.conversation import ConversationKey, Reply, Role
 from core.generation.transformers_engine import TransformersEngine
-from core.jobs import JobQueue, Outbox
+from core.jobs import PARKED_CLAIM_MIN_IDLE_MS, WAITING_CONSUMER, Job, JobQueue, Outbox
 from core.keys import WORKER_GROUP, Keys
 from core.knowledge.store import KnowledgeBaseStore
 from core.settings import Settings
@@ -196,3 +196,27 @@ async def test_jobs_waiting_their_turn_are_shared_by_every_worker(
         "max": None,
         "consumers": [],
     }
+
+
+async def test_parked_jobs_are_seen_alike_by_the_worker_that_parked_them_and_another(
+    redis: Any, keys: Keys
+) -> None:
+    """The worker that parked a job keeps it parsed; another reads it from the stream; a
+    malformed parked entry is dead-lettered (once) and the good job is still seen."""
+    parker, other = JobQueue(redis, keys, "parker"), JobQueue(redis, keys, "other")
+    await parker.ensure_group()
+    good = await parker.enqueue(A, 1, "m1", "ann")
+    bad = str(await redis.xadd(keys.jobs, {"conversation": "not an id"}))
+    read = await parker.read_new(10, None)
+    assert [e for e, _ in read] == [good, bad]
+    [job] = [Job.from_entry(e, f) for e, f in read if e == good]
+    await parker.park([job])
+    await redis.xclaim(keys.jobs, WORKER_GROUP, WAITING_CONSUMER, 0, [bad], justid=True)
+    assert [j.entry_id for j in await parker.peek_parked(10)] == [good]
+    await asyncio.sleep(PARKED_CLAIM_MIN_IDLE_MS / 1000 * 2)  # idle enough to be claimed
+    seen = await other.peek_parked(10)
+    assert [(j.entry_id, j.conversation, j.seq, j.author) for j in seen] == [(good, A, 1, "ann")]
+    dead = await redis.xrange(keys.dead_letter)
+    assert [fields["entry_id"] for _, fields in dead] == [bad]
+    assert [j.entry_id for j in await parker.peek_parked(10)] == [good]
+    assert len(await redis.xrange(keys.dead_letter)) == 1
