@@ -218,18 +218,19 @@ async def _read_situation(
     retry: Retry,
 ) -> tuple[WorkspaceConfig, Handoff | None, _Admitted]:
     """The workspace's settings, the handoff state and what admission needs: four reads,
-    side by side (the client sends them in one round trip)."""
+    side by side (the client sends them in one round trip), retried together (one log line
+    and one back-off while Redis is away, not four)."""
     workspaces = Workspaces(store.redis, store.keys, store.settings)
     handoffs = Handoffs(store.redis, store.keys, store.ttl_s)
     seen = store.keys.seen(conversation, dedupe)
-    config, handoff, retried, waiting = await together(
-        retry(
-            "reading workspace settings",
-            lambda: workspaces.config(conversation.platform, conversation.workspace),
+    config, handoff, retried, waiting = await retry(
+        "reading the conversation's settings",
+        lambda: together(
+            workspaces.config(conversation.platform, conversation.workspace),
+            handoffs.get(conversation),
+            store.redis.exists(seen),
+            queue.waiting(),
         ),
-        retry("reading the handoff state", lambda: handoffs.get(conversation)),
-        retry("checking for a retry", lambda: store.redis.exists(seen)),
-        retry("measuring the queue", queue.waiting),
     )
     return config, handoff, _Admitted(bool(retried), int(waiting))
 
