@@ -121,7 +121,10 @@ class ReplyPublisher:
         self._published = text
 
     async def _append(self, text: str) -> None:
-        fields: dict[Any, Any] = {"text": text}
+        await self._add({"text": text})
+
+    async def _add(self, fields: dict[Any, Any]) -> None:
+        """An entry on the reply's stream, whose expiry it pushes back."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(self.stream, fields, maxlen=REPLY_STREAM_MAXLEN, approximate=True)
             pipe.expire(self.stream, REPLY_STREAM_TTL_S)
@@ -141,10 +144,6 @@ class ReplyPublisher:
         if not self.opened:
             return
         try:
-            done: dict[Any, Any] = {"done": "1"}
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self.stream, done, maxlen=REPLY_STREAM_MAXLEN, approximate=True)
-                pipe.expire(self.stream, REPLY_STREAM_TTL_S)
-                await pipe.execute()
+            await self._add({"done": "1"})
         except TRANSIENT_ERRORS as exc:  # followers stop on their own when the text stops
             log.warning("could not close the stream of %s: %s", self.reply.reply_id, exc)

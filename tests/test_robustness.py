@@ -212,7 +212,10 @@ async def test_parked_jobs_are_seen_alike_by_the_worker_that_parked_them_and_ano
     [job] = [Job.from_entry(e, f) for e, f in read if e == good]
     await parker.park([job])
     await redis.xclaim(keys.jobs, WORKER_GROUP, WAITING_CONSUMER, 0, [bad], justid=True)
+    reads = await xrange_calls(redis)
     assert [j.entry_id for j in await parker.peek_parked(10)] == [good]
+    # The parker read back only the entry it did not park itself (the malformed one).
+    assert await xrange_calls(redis) == reads + 1
     await asyncio.sleep(PARKED_CLAIM_MIN_IDLE_MS / 1000 * 2)  # idle enough to be claimed
     seen = await other.peek_parked(10)
     assert [(j.entry_id, j.conversation, j.seq, j.author) for j in seen] == [(good, A, 1, "ann")]
@@ -220,3 +223,9 @@ async def test_parked_jobs_are_seen_alike_by_the_worker_that_parked_them_and_ano
     assert [fields["entry_id"] for _, fields in dead] == [bad]
     assert [j.entry_id for j in await parker.peek_parked(10)] == [good]
     assert len(await redis.xrange(keys.dead_letter)) == 1
+
+
+async def xrange_calls(redis: Any) -> int:
+    """XRANGE commands the server has run (every test's, so compare differences)."""
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_xrange", {}).get("calls", 0))
