@@ -33,8 +33,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from core.generation.engine import GenerationRequest  # noqa: E402
+from core.generation.lean_decode import lean_decoder  # noqa: E402
 from core.generation.model_files import cpu_supports_bf16  # noqa: E402
-from core.generation.transformers_engine import load_engine  # noqa: E402
+from core.generation.transformers_engine import open_engine  # noqa: E402
 from core.settings import Settings  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -77,20 +78,35 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_mapping(
         {"CHATBOT_DTYPE": args.dtype, "CHATBOT_MAX_BATCH_SIZE": str(max(args.batches))}
     )
-    engine = load_engine(settings, lambda *_a: None)
+    # Loaded on the engine's own thread, which runs all its torch work, as the worker does
+    # (torch work from a second thread made every step here 30-50 % slower).
+    engine = asyncio.run(open_engine(settings, lambda *_a: None))
     engine.batcher.stop_ids = frozenset()  # every reply exactly --tokens long
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     asyncio.run(engine_tok_s(engine, 1, 4))  # warm up
     lean = engine.batcher.lean
+    # The lean step with the other product kernel than the one it chose, made on the engine
+    # thread too (lean_decode.choose_products).
+    other = None
+    if lean is not None:
+        kernel = "mkl" if lean.products == "onednn" else "onednn"
+        other = engine.executor.submit(lean_decoder, engine.model, kernel).result()
+        if other is not None and other.products == lean.products:
+            other = None  # oneDNN is not available here
     measured: dict[int, float] = {}
+    measured_other: dict[int, float] = {}
     forward: dict[int, float] = {}
     for batch in args.batches:
         engine.batcher.lean = lean
         measured[batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
+        if other is not None:
+            engine.batcher.lean = other
+            measured_other[batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
         engine.batcher.lean = None
         forward[batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
     engine.batcher.lean = lean
-    bandwidth = read_bandwidth_gb_s()  # last: its 256 MB buffer slowed what came after it
+    # Last (its 256 MB buffer slowed what came after it), on the engine's thread too.
+    bandwidth = engine.executor.submit(read_bandwidth_gb_s).result()
     limit = bandwidth * 1e9 / weight_bytes
     results: dict[str, Any] = {
         "dtype": args.dtype,
@@ -99,18 +115,25 @@ def main(argv: list[str] | None = None) -> int:
         "batch1_limit_tok_s": round(limit, 1),
         "torch_threads": torch.get_num_threads(),
         "lean_step": lean is not None,
+        "lean_products": lean.products if lean is not None else None,
         "engine": {},
+        "engine_other_products": {},
+        "other_products": other.products if other is not None else None,
         "engine_transformers_forward": {},
     }
     print(f"read bandwidth {bandwidth:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB")
-    print(f"batch-1 limit {limit:.1f} tok/s")
+    print(f"batch-1 limit {limit:.1f} tok/s; lean step products: {results['lean_products']}")
     for batch, tok_s in measured.items():
         results["engine"][str(batch)] = round(tok_s, 1)
         results["engine_transformers_forward"][str(batch)] = round(forward[batch], 1)
         share = f" = {tok_s / limit:.0%} of the limit" if batch == 1 else ""
+        compared = ""
+        if batch in measured_other:
+            results["engine_other_products"][str(batch)] = round(measured_other[batch], 1)
+            compared = f", with {other.products} products: {measured_other[batch]:6.1f}"
         print(
             f"batch {batch:>2}: engine {tok_s:6.1f} tok/s{share}"
-            f" (with transformers' forward: {forward[batch]:6.1f} tok/s)"
+            f" (with transformers' forward: {forward[batch]:6.1f} tok/s{compared})"
         )
     results["machine"] = {
         "cpu": platform.processor() or platform.machine(),

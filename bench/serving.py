@@ -61,7 +61,7 @@ from bench.batching import LENGTHS, QUESTIONS  # noqa: E402  (the same mixed wor
 from core.conversation import ConversationKey  # noqa: E402
 from core.generation.engine import Generation, GenerationRequest, TextListener  # noqa: E402
 from core.generation.model_files import cpu_supports_bf16  # noqa: E402
-from core.generation.transformers_engine import TransformersEngine, load_engine  # noqa: E402
+from core.generation.transformers_engine import TransformersEngine, open_engine  # noqa: E402
 from core.inbound import submit_user_message  # noqa: E402
 from core.jobs import JobQueue  # noqa: E402
 from core.keys import Keys  # noqa: E402
@@ -427,7 +427,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings.from_mapping(
             {"CHATBOT_DTYPE": args.dtype, "CHATBOT_MAX_BATCH_SIZE": str(args.max_batch)}
         )
-        engine = load_engine(settings, lambda *_a: None)
+        # On the engine's own thread, as the worker loads it (see bench/decode.py).
+        engine = await open_engine(settings, lambda *_a: None)
         results["dtype"] = args.dtype
         loads: list[tuple[str, list[float]]] = [(f"burst {n}", [0.0] * n) for n in args.burst]
         rng = random.Random(7)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from core.generation.engine import GenerationRequest
 from core.generation.kv_cache import cache_layers, new_cache
-from core.generation.lean_decode import lean_decoder
+from core.generation.lean_decode import choose_products, lean_decoder, onednn_available
 from core.generation.transformers_engine import TransformersEngine
 
 PROMPTS = [[5, 17, 300, 42, 9, 1000, 77], [88, 12], [400, 401, 402, 403]]
@@ -59,8 +59,8 @@ def transformers_step(model: Any, tokens: Any, mask: Any, cache: Any) -> Any:
     return output.logits[:, -1]
 
 
-def assert_same_steps(model: Any, steps: int, tolerance: float) -> None:
-    lean = lean_decoder(model)
+def assert_same_steps(model: Any, steps: int, tolerance: float, products: str = "auto") -> None:
+    lean = lean_decoder(model, products)
     assert lean is not None
     theirs, mask, tokens = prefill(model, PROMPTS, pad_id=0)
     ours, _mask, _tokens = prefill(model, PROMPTS, pad_id=0)
@@ -78,10 +78,23 @@ def assert_same_steps(model: Any, steps: int, tolerance: float) -> None:
         torch.testing.assert_close(mine.values, reference.values, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("products", ["auto", "mkl", "onednn"])
 def test_the_lean_step_matches_transformers_on_a_left_padded_batch(
-    tiny_engine: TransformersEngine,
+    tiny_engine: TransformersEngine, products: str
 ) -> None:
-    assert_same_steps(tiny_engine.model, steps=12, tolerance=1e-5)
+    """With either product kernel (the one the decoder would choose by timing, MKL through
+    F.linear, oneDNN's fused linear)."""
+    if products == "onednn" and not onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
+    assert_same_steps(tiny_engine.model, steps=12, tolerance=1e-5, products=products)
+
+
+def test_the_product_kernel_is_one_it_knows() -> None:
+    weights = [torch.ones(8, 4), torch.ones(4, 8)]
+    assert choose_products(weights, "mkl")[0] == "mkl"
+    assert choose_products(weights, "auto")[0] in ("mkl", "onednn")
+    with pytest.raises(ValueError, match="product kernel 'cublas'"):
+        choose_products(weights, "cublas")
 
 
 async def test_the_engine_decodes_through_the_lean_step(tiny_engine: TransformersEngine) -> None:
@@ -106,11 +119,14 @@ async def test_the_engine_decodes_through_the_lean_step(tiny_engine: Transformer
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("products", ["mkl", "onednn"])
 def test_the_lean_step_matches_transformers_on_the_bundled_model(
-    bundled_engine: TransformersEngine,
+    bundled_engine: TransformersEngine, products: str
 ) -> None:
+    if products == "onednn" and not onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
     assert bundled_engine.batcher.lean is not None
-    assert_same_steps(bundled_engine.model, steps=8, tolerance=1e-4)
+    assert_same_steps(bundled_engine.model, steps=8, tolerance=1e-4, products=products)
 
 
 @pytest.mark.parametrize(

@@ -18,17 +18,27 @@ transformers' forward; nothing here has been measured there). Anything else retu
 from `lean_decoder` and the batcher keeps transformers' forward. `tests/test_lean_decode.py`
 checks the logits against transformers' on a left-padded batch of the bundled model.
 
-Tried and left out: at 4-16 rows MKL's sgemm is slow here (8 rows cost 2x one row), and
-oneDNN with weights reordered once into its blocked layout did 8-row products 1.3x faster
-in isolation; but with the blocked copies made, every step of the engine slowed, the
-unblocked ones too (bench/decode.py: batch 1 26.7 -> 17.8 tok/s, batch 8 101 -> 82), for
-reasons not found. MKL's packed sgemm (`mkl._mkl_linear`) helps only at the exact row
-count it was packed for.
+The products (`F.linear`, i.e. MKL's sgemm/sgemv on a CPU build of torch) are the step's
+cost, and how fast they run depends on the machine: on an AMD EPYC, MKL's fp32 products
+over this model's weights read 12 GB/s where a plain sum reads 36, and oneDNN's
+(`torch.ops.mkldnn._linear_pointwise`, on the same plain weights, no copy) ran the same
+products 1.5-2.3x as fast at 1 to 64 rows. So the decoder times both on the model's own
+weights when it is made (`choose_products`, well under a second) and keeps the faster; the
+choice is logged.
+
+Tried and left out: at 4-16 rows MKL's sgemm is slow on an Intel Xeon too (8 rows cost 2x
+one row); oneDNN with weights reordered once into its blocked layout did 8-row products
+1.3x faster in isolation there, but with the blocked copies made, every step of the engine
+slowed, the unblocked ones too (bench/decode.py: batch 1 26.7 -> 17.8 tok/s, batch 8
+101 -> 82), for reasons not found. MKL's packed sgemm (`mkl._mkl_linear`) helps only at
+the exact row count it was packed for.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +48,68 @@ import torch.nn.functional as F
 from core.generation.kv_cache import cache_layers
 
 log = logging.getLogger(__name__)
+
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PRODUCT_KERNELS = ("auto", "mkl", "onednn")
+TIMED_ROWS = (1, 8)  # the batch sizes `choose_products` times the kernels at
+TIMING_ROUNDS = 3  # each kernel's best of this many passes over the weights
+ONEDNN_MARGIN = 0.9  # oneDNN is kept when it takes at most this share of F.linear's time
+
+
+def _onednn_linear(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    result: torch.Tensor = torch.ops.mkldnn._linear_pointwise(inputs, weight, None, "none", [], "")
+    return result
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's fused linear and it runs (a CPU build with mkldnn)."""
+    try:
+        if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+            return False
+        probe = torch.ones(2, 4)
+        return bool(torch.allclose(_onednn_linear(probe, probe), F.linear(probe, probe)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _pass_ms(linear: Linear, weights: Sequence[torch.Tensor], rows: int) -> float:
+    """Milliseconds of one product per weight at `rows` rows, the best of TIMING_ROUNDS."""
+    inputs = {w.shape[1]: torch.ones(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(TIMING_ROUNDS):
+            started = time.perf_counter()
+            for weight in weights:
+                linear(inputs[weight.shape[1]], weight)
+            best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def choose_products(weights: Sequence[torch.Tensor], kernel: str = "auto") -> tuple[str, Linear]:
+    """The product kernel for `weights` (on the CPU): `kernel` "mkl" (`F.linear`), "onednn",
+    or "auto": both timed on these weights at TIMED_ROWS rows, oneDNN kept where it is
+    clearly faster (see the module's docstring)."""
+    if kernel not in PRODUCT_KERNELS:
+        raise ValueError(f"product kernel {kernel!r} is not one of {', '.join(PRODUCT_KERNELS)}")
+    if kernel == "mkl" or not onednn_available():
+        return "mkl", F.linear
+    if kernel == "onednn":
+        return "onednn", _onednn_linear
+    times: dict[str, list[float]] = {"mkl": [], "onednn": []}
+    for rows in TIMED_ROWS:
+        _pass_ms(_onednn_linear, weights[:8], rows)  # warm both up
+        _pass_ms(F.linear, weights[:8], rows)
+        times["mkl"].append(_pass_ms(F.linear, weights, rows))
+        times["onednn"].append(_pass_ms(_onednn_linear, weights, rows))
+    chosen = "onednn" if sum(times["onednn"]) <= ONEDNN_MARGIN * sum(times["mkl"]) else "mkl"
+    log.info(
+        "decoding products: %s (one step's products, ms at %s rows: oneDNN %s, MKL %s)",
+        "oneDNN" if chosen == "onednn" else "MKL (F.linear)",
+        "/".join(str(r) for r in TIMED_ROWS),
+        "/".join(f"{t:.1f}" for t in times["onednn"]),
+        "/".join(f"{t:.1f}" for t in times["mkl"]),
+    )
+    return chosen, (_onednn_linear if chosen == "onednn" else F.linear)
 
 
 @dataclass(frozen=True)
@@ -63,7 +135,7 @@ class LeanDecoder:
     (`core.generation.kv_cache`), grown by one position. Returns the logits [rows, vocab].
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, products: str = "auto") -> None:
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens
@@ -93,10 +165,15 @@ class LeanDecoder:
             )
             for layer in inner.layers
         ]
+        weights = [self.lm_head]
+        for layer in self.layers:
+            weights += [layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down]
+        self.products, self._linear = choose_products(weights, products)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         rows = tokens.shape[0]
+        linear = self._linear
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         group = heads // kv_heads
         positions = mask.sum(-1, keepdim=True) - 1  # the new token's position in each row
@@ -110,9 +187,9 @@ class LeanDecoder:
         half = dim // 2
         for weights, layer in zip(self.layers, cache_layers(cache), strict=True):
             normed = _rms_norm(hidden, weights.norm_in, weights.eps_in)
-            query = F.linear(normed, weights.q).view(rows, heads, dim)
-            key = F.linear(normed, weights.k).view(rows, kv_heads, dim)
-            value = F.linear(normed, weights.v).view(rows, kv_heads, 1, dim)
+            query = linear(normed, weights.q).view(rows, heads, dim)
+            key = linear(normed, weights.k).view(rows, kv_heads, dim)
+            value = linear(normed, weights.v).view(rows, kv_heads, 1, dim)
             # RoPE on queries and keys together (rotate_half, as transformers' Llama does).
             both = torch.cat([query, key], 1)
             turned = torch.cat([-both[..., half:], both[..., :half]], -1)
@@ -126,12 +203,12 @@ class LeanDecoder:
                 attn_mask=padding,
                 scale=self.scale,
             )
-            hidden = hidden + F.linear(attended.reshape(rows, heads * dim), weights.o)
+            hidden = hidden + linear(attended.reshape(rows, heads * dim), weights.o)
             normed = _rms_norm(hidden, weights.norm_out, weights.eps_out)
-            gated = F.silu(F.linear(normed, weights.gate)) * F.linear(normed, weights.up)
-            hidden = hidden + F.linear(gated, weights.down)
+            gated = F.silu(linear(normed, weights.gate)) * linear(normed, weights.up)
+            hidden = hidden + linear(gated, weights.down)
         hidden = _rms_norm(hidden, self.final_norm, self.final_eps)
-        return F.linear(hidden, self.lm_head)
+        return linear(hidden, self.lm_head)
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -142,13 +219,14 @@ def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * normed.to(hidden.dtype)
 
 
-def lean_decoder(model: Any) -> LeanDecoder | None:
-    """The lean step for `model`, or None (with the reason logged) where it does not apply."""
+def lean_decoder(model: Any, products: str = "auto") -> LeanDecoder | None:
+    """The lean step for `model`, or None (with the reason logged) where it does not apply;
+    `products`: see `choose_products`."""
     reason = _unsupported(model)
     if reason:
         log.info("decoding through transformers' forward: %s", reason)
         return None
-    return LeanDecoder(model)
+    return LeanDecoder(model, products)
 
 
 def _unsupported(model: Any) -> str:
