@@ -14,7 +14,12 @@ import torch.nn.functional as F
 
 from core.generation.engine import GenerationRequest
 from core.generation.kv_cache import cache_layers, new_cache
-from core.generation.lean_decode import choose_products, lean_decoder, onednn_available
+from core.generation.lean_decode import (
+    choose_products,
+    lean_decoder,
+    onednn_available,
+    route_products,
+)
 from core.generation.transformers_engine import TransformersEngine
 
 PROMPTS = [[5, 17, 300, 42, 9, 1000, 77], [88, 12], [400, 401, 402, 403]]
@@ -153,3 +158,35 @@ def test_a_model_of_another_family_keeps_transformers_forward() -> None:
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
     assert lean_decoder(model) is None
+
+
+def test_projections_routed_to_onednn_compute_the_same_and_still_train() -> None:
+    """Prefill goes through the model's own Linear layers: routed to oneDNN they give what
+    F.linear gives, and where autograd is on (training) they stay differentiable."""
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = LlamaForCausalLM(config)
+    ids = torch.tensor([[3, 9, 27, 5, 40]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    decoder = lean_decoder(model, "onednn")
+    assert decoder is not None
+    assert route_products(model, decoder) == 2 * 7 + 1  # 7 projections a layer, lm_head
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+    mkl = lean_decoder(LlamaForCausalLM(config), "mkl")
+    assert mkl is not None and route_products(model, mkl) == 0

@@ -36,6 +36,7 @@ the exact row count it was packed for.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -217,6 +218,27 @@ def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
         return F.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
     normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), None, eps)
     return weight * normed.to(hidden.dtype)
+
+
+def route_products(model: Any, decoder: LeanDecoder) -> int:
+    """Make the model's own projections (prefill and `generate` go through transformers'
+    forward) use the kernel `decoder` chose, when that is oneDNN: it was as much faster
+    at prefill sizes (1.7x at 32 to 512 rows here). Where autograd is on (training), they
+    keep F.linear, which it can differentiate. Returns how many layers were routed."""
+    if decoder.products != "onednn":
+        return 0
+    routed = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.bias is None:
+            module.forward = functools.partial(_linear_forward, module)
+            routed += 1
+    return routed
+
+
+def _linear_forward(module: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (inputs.requires_grad or module.weight.requires_grad):
+        return F.linear(inputs, module.weight)
+    return _onednn_linear(inputs, module.weight)
 
 
 def lean_decoder(model: Any, products: str = "auto") -> LeanDecoder | None:
