@@ -20,7 +20,10 @@ from LENGTHS, so that replies differ in length as real ones do):
   `generate` (the engine before continuous batching); nothing streams;
 - continuous: the product's engine (continuous batching) with streaming on.
 
-Loads: bursts of 1, 8 and 32 concurrent requests, and Poisson arrivals at given rates.
+Loads: bursts of 1, 8 and 32 concurrent requests, Poisson arrivals at given rates, and
+closed loops of 1, 8 and 32 users (vLLM's --max-concurrency: each user sends its next
+request when its reply is complete, so the batch stays full instead of waiting for a
+burst's longest reply; one at a time is measured once, with one user).
 `--overhead` measures the pipeline alone with an instant engine: messages/s, the latency
 the pipeline adds per message, and the CPU time each part spends per message (this
 process, the worker's process, redis-server), which is steadier than wall time on a
@@ -233,12 +236,16 @@ async def run_load(
     mode: str,
     arrivals_s: list[float],
     streaming: bool,
+    users: int = 0,
     max_batch: int,
     namespace: str,
     batch_wait_ms: int | None = None,
     worker_process: bool = False,
 ) -> dict[str, Any]:
     """Submit one request per arrival time, wait for every reply, return the metrics.
+    `users` > 0: a closed loop instead (vLLM's --max-concurrency): that many users, each
+    sending its next request when the reply to its last one is complete, until
+    len(arrivals_s) requests were sent (the arrival times are not used).
     `worker_process`: the worker (with an instant engine) runs in a process of its own, as
     deployed, instead of sharing this one's event loop with the submissions."""
     mapping = {
@@ -295,22 +302,43 @@ async def run_load(
             max_chars=settings.max_message_chars,
         )
 
-    await asyncio.gather(*(submit(i, at) for i, at in enumerate(arrivals_s)))
     outbox = keys.outbox("bench")
     deadline = time.time() + 1800
     finals: dict[str, tuple[float, str, str]] = {}
-    cursor = "0"  # read each outbox entry once: re-reading the whole outbox at every poll
-    # cost this process more than the pipeline it measures, once there were thousands
-    while len(finals) < len(arrivals_s) and time.time() < deadline:
-        entries: Any = await redis.xrange(outbox, min=f"({cursor}", count=1000)
-        for entry_id, fields in entries:
-            cursor = entry_id
-            if fields.get("kind") != STREAM_KIND:
-                finals.setdefault(
-                    fields["conversation"], (_ms(entry_id), fields["text"], fields["reply_id"])
-                )
-        if len(entries) < 1000:
-            await asyncio.sleep(0.05)
+    replied: dict[str, asyncio.Event] = {}
+
+    async def collect() -> None:
+        cursor = "0"  # each outbox entry read once: re-reading the whole outbox at every
+        # poll cost this process more than the pipeline it measures, once there were thousands
+        while len(finals) < len(arrivals_s) and time.time() < deadline:
+            entries: Any = await redis.xrange(outbox, min=f"({cursor}", count=1000)
+            for entry_id, fields in entries:
+                cursor = entry_id
+                if fields.get("kind") != STREAM_KIND:
+                    conversation_id = fields["conversation"]
+                    finals.setdefault(
+                        conversation_id, (_ms(entry_id), fields["text"], fields["reply_id"])
+                    )
+                    if conversation_id in replied:
+                        replied[conversation_id].set()
+            if len(entries) < 1000:
+                await asyncio.sleep(0.05 if not users else 0.01)
+
+    async def user(first: int) -> None:
+        for index in range(first, len(arrivals_s), users):
+            conversation = ConversationKey("bench", "w", f"c{index}", "")
+            done = replied.setdefault(conversation.id, asyncio.Event())
+            submitted[conversation.id] = time.time()
+            await _submit(conversation, index)
+            await asyncio.wait_for(done.wait(), max(1.0, deadline - time.time()))
+
+    if users:  # the replies are read while users wait for them
+        collector = asyncio.create_task(collect())
+        await asyncio.gather(*(user(u) for u in range(users)))
+        await collector
+    else:  # read after every submission, as before closed loops (no reads in the way)
+        await asyncio.gather(*(submit(i, at) for i, at in enumerate(arrivals_s)))
+        await collect()
     finished = time.time()
     # CPU time, steadier than wall time on a machine whose speed drifts: this process
     # (the submissions as adapters make them, the bench's reads, and the worker unless it
@@ -430,17 +458,25 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # On the engine's own thread, as the worker loads it (see bench/decode.py).
         engine = await open_engine(settings, lambda *_a: None)
         results["dtype"] = args.dtype
-        loads: list[tuple[str, list[float]]] = [(f"burst {n}", [0.0] * n) for n in args.burst]
+        loads: list[tuple[str, list[float], int]] = [
+            (f"burst {n}", [0.0] * n, 0) for n in args.burst
+        ]
         rng = random.Random(7)
-        loads += [(f"poisson {r}/s", poisson(r, args.poisson_requests, rng)) for r in args.rates]
-        for load, arrivals in loads:
+        loads += [(f"poisson {r}/s", poisson(r, args.poisson_requests, rng), 0) for r in args.rates]
+        # Closed loops: `n` users, each asking again once answered; 4 requests a user, and
+        # at least 16 (the one-user loop is the one-at-a-time baseline of the others).
+        loads += [(f"{n} users", [0.0] * max(16, 4 * n), n) for n in args.users]
+        for load, arrivals, users in loads:
             for mode in args.modes:
+                if users and mode == "sequential" and users > 1:
+                    continue  # one at a time is one at a time: the 1-user loop measures it
                 run = await run_load(
                     url,
                     make_engine(mode, engine, args.max_batch),
                     engine.tokenizer,
                     mode=mode,
                     arrivals_s=arrivals,
+                    users=users,
                     streaming=mode == "continuous",
                     max_batch=args.max_batch,
                     namespace=f"b{len(results['runs'])}",
@@ -488,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", nargs="*", type=int, default=[1, 8, 32])
     parser.add_argument("--rates", nargs="*", type=float, default=[0.5, 1.0])
     parser.add_argument("--poisson-requests", type=int, default=16)
+    parser.add_argument(
+        "--users", nargs="*", type=int, default=[1, 8, 32], help="closed loops of N users"
+    )
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--overhead", type=int, default=0, help="instant engine, N messages")
