@@ -71,6 +71,7 @@ from core.keys import Keys  # noqa: E402
 from core.redis_conn import connect  # noqa: E402
 from core.redis_server import RedisServer  # noqa: E402
 from core.settings import Settings  # noqa: E402
+from core.start_up_memory import frozen_start_up  # noqa: E402
 from core.store import ConversationStore  # noqa: E402
 from core.streaming import STREAM_KIND  # noqa: E402
 from core.worker import Worker  # noqa: E402
@@ -189,15 +190,16 @@ def _instant_worker(
         settings = Settings.from_mapping(mapping)
         redis = connect(mapping["REDIS_URL"])
         worker = Worker(redis, settings, Instant(None, {}), consumer=consumer)
-        task = asyncio.create_task(worker.run())
-        await redis.ping()
-        started = time.process_time()
-        ready.set()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        cpu_s.value = time.process_time() - started
-        worker.stop()
-        await task
+        with frozen_start_up():  # as `chatbot worker` serves (bot/serve.py)
+            task = asyncio.create_task(worker.run())
+            await redis.ping()
+            started = time.process_time()
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            cpu_s.value = time.process_time() - started
+            worker.stop()
+            await task
         await redis.aclose()
 
     asyncio.run(main())
@@ -429,18 +431,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 ("poisson 20/s, worker process, CHATBOT_BATCH_WAIT_MS=30", light, 30, True),
             ]
             for n, (load, arrivals, wait_ms, apart) in enumerate(overhead_loads):
-                run = await run_load(
-                    url,
-                    Instant(None, {}),
-                    None,
-                    mode="instant",
-                    arrivals_s=arrivals,
-                    streaming=True,
-                    max_batch=64,
-                    namespace=f"overhead{n}",
-                    batch_wait_ms=wait_ms,
-                    worker_process=apart,
-                )
+                with frozen_start_up():  # as the adapters and the worker serve
+                    run = await run_load(
+                        url,
+                        Instant(None, {}),
+                        None,
+                        mode="instant",
+                        arrivals_s=arrivals,
+                        streaming=True,
+                        max_batch=64,
+                        namespace=f"overhead{n}",
+                        batch_wait_ms=wait_ms,
+                        worker_process=apart,
+                    )
                 run["load"] = load
                 run["pipeline_messages_per_s"] = run["request_throughput"]
                 results["runs"].append(run)

@@ -24,6 +24,7 @@ from core.keys import Keys
 from core.probes import Probes, outbox_group, reading_jobs, serve_probes, waiting
 from core.redis_conn import Redis, with_retry
 from core.settings import Settings
+from core.start_up_memory import frozen_start_up
 
 log = logging.getLogger("chatbot")
 
@@ -93,15 +94,16 @@ async def serve_worker(
     worker = Worker(redis, settings, engine, retriever=retriever, loader=loader, model=model)
     if probes is not None:
         probes.check("worker", reading_jobs(worker.queue))
-    run = asyncio.create_task(worker.run())
-    stop_wait = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({run, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        worker.stop()
-        await run  # drains the batch in hand
-    finally:
-        stop_wait.cancel()
-        worker.engine.close()  # the one it serves now: a promoted model may have replaced it
+    with frozen_start_up():  # the model and the imports, out of the collector's way
+        run = asyncio.create_task(worker.run())
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({run, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            worker.stop()
+            await run  # drains the batch in hand
+        finally:
+            stop_wait.cancel()
+            worker.engine.close()  # the one it serves now: a promoted model may have replaced it
 
 
 async def _open_engine(settings: Settings, redis: Redis) -> tuple[Any, Any, str]:
@@ -146,7 +148,9 @@ async def serve_slack(
 
     if probes is not None:
         probes.check("slack", outbox_group(redis, Keys(settings.namespace), "slack"))
-    await SlackAdapter(redis, settings).serve(stop, port=port)
+    adapter = SlackAdapter(redis, settings)
+    with frozen_start_up():
+        await adapter.serve(stop, port=port)
 
 
 async def serve_discord(
@@ -164,7 +168,8 @@ async def serve_discord(
             return await outbox_ready()
 
         probes.check("discord", ready)
-    await adapter.serve(stop)
+    with frozen_start_up():
+        await adapter.serve(stop)
 
 
 async def serve_console(

@@ -190,3 +190,4 @@ def test_projections_routed_to_onednn_compute_the_same_and_still_train() -> None
     assert model.model.layers[0].mlp.up_proj.weight.grad is not None
     mkl = lean_decoder(LlamaForCausalLM(config), "mkl")
     assert mkl is not None and route_products(model, mkl) == 0
+    assert lean_decoder(model, "mkl") is not None  # routed layers are still known ones

@@ -36,7 +36,6 @@ the exact row count it was packed for.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -230,15 +229,18 @@ def route_products(model: Any, decoder: LeanDecoder) -> int:
     routed = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear and module.bias is None:
-            module.forward = functools.partial(_linear_forward, module)
+            module.__class__ = OneDnnLinear  # its class, not a bound method: no cycle
             routed += 1
     return routed
 
 
-def _linear_forward(module: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and (inputs.requires_grad or module.weight.requires_grad):
-        return F.linear(inputs, module.weight)
-    return _onednn_linear(inputs, module.weight)
+class OneDnnLinear(torch.nn.Linear):
+    """A Linear layer without bias whose product goes through oneDNN (`route_products`)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (inputs.requires_grad or self.weight.requires_grad):
+            return F.linear(inputs, self.weight)
+        return _onednn_linear(inputs, self.weight)
 
 
 def lean_decoder(model: Any, products: str = "auto") -> LeanDecoder | None:
@@ -275,6 +277,6 @@ def _unsupported(model: Any) -> str:
         projections += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         if any(getattr(p, "bias", None) is not None for p in projections):
             return "the model has biases"
-        if not all(type(p) is torch.nn.Linear for p in projections):
+        if not all(type(p) in (torch.nn.Linear, OneDnnLinear) for p in projections):
             return "the model's products are not plain Linear layers (adapters or quantisation)"
     return ""

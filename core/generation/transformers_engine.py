@@ -33,6 +33,7 @@ from core.generation.engine import (
 from core.generation.model_files import Progress, load_model
 from core.generation.watermarking import WatermarkProcessor
 from core.settings import Settings
+from core.start_up_memory import refreeze
 from core.watermark import Watermark
 
 log = logging.getLogger(__name__)
@@ -333,6 +334,7 @@ class LocalEngines:
 
     def retire(self, engine: Any) -> None:
         engine.release()
+        refreeze()  # its modules' cycles collected, if start-up objects were frozen
 
 
 async def open_engine(settings: Settings, progress: Progress) -> TransformersEngine:
