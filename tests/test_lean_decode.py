@@ -102,6 +102,19 @@ def test_the_product_kernel_is_one_it_knows() -> None:
         choose_products(weights, "cublas")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel", ["auto", "onednn"])
+def test_the_chosen_kernel_computes_the_product_in_every_dtype(
+    dtype: torch.dtype, kernel: str
+) -> None:
+    """oneDNN has no fp16 product on many CPUs: asked for it there, the decoder keeps MKL
+    instead of failing to load."""
+    weight, inputs = torch.randn(16, 8).to(dtype), torch.randn(3, 8).to(dtype)
+    _name, linear = choose_products([weight], kernel)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(inputs, weight), F.linear(inputs, weight))
+
+
 async def test_the_engine_decodes_through_the_lean_step(tiny_engine: TransformersEngine) -> None:
     """Every decoding step of a reply goes through the lean step, not only exists."""
     engine = TransformersEngine(

@@ -53,6 +53,7 @@ Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRODUCT_KERNELS = ("auto", "mkl", "onednn")
 TIMED_ROWS = (1, 8)  # the batch sizes `choose_products` times the kernels at
 TIMING_ROUNDS = 3  # each kernel's best of this many passes over the weights
+TIMED_WEIGHTS = 1 + 7 * 8  # the output product and 8 layers' (all of a smaller model's)
 ONEDNN_MARGIN = 0.9  # oneDNN is kept when it takes at most this share of F.linear's time
 
 
@@ -61,13 +62,15 @@ def _onednn_linear(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def onednn_available() -> bool:
-    """Whether this torch has oneDNN's fused linear and it runs (a CPU build with mkldnn)."""
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch has oneDNN's fused linear and it runs for `dtype` (a CPU build
+    with mkldnn; oneDNN has no fp16 product on many CPUs)."""
     try:
         if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
             return False
-        probe = torch.ones(2, 4)
-        return bool(torch.allclose(_onednn_linear(probe, probe), F.linear(probe, probe)))
+        probe = torch.ones(2, 4, dtype=dtype)
+        expected = F.linear(probe, probe).float()
+        return bool(torch.allclose(_onednn_linear(probe, probe).float(), expected))
     except (AttributeError, RuntimeError):
         return False
 
@@ -91,20 +94,30 @@ def choose_products(weights: Sequence[torch.Tensor], kernel: str = "auto") -> tu
     clearly faster (see the module's docstring)."""
     if kernel not in PRODUCT_KERNELS:
         raise ValueError(f"product kernel {kernel!r} is not one of {', '.join(PRODUCT_KERNELS)}")
-    if kernel == "mkl" or not onednn_available():
+    if kernel == "mkl" or not weights:
+        return "mkl", F.linear
+    if not onednn_available(weights[0].dtype):
+        if kernel == "onednn":
+            log.warning(
+                "oneDNN has no %s product here: decoding products go through MKL", weights[0].dtype
+            )
         return "mkl", F.linear
     if kernel == "onednn":
         return "onednn", _onednn_linear
+    # A big model's weights are timed in part: the layers are alike, and the sample still
+    # reads more than a cache holds (the first weight is the wide output product).
+    sample = list(weights[:TIMED_WEIGHTS])
     times: dict[str, list[float]] = {"mkl": [], "onednn": []}
     for rows in TIMED_ROWS:
-        _pass_ms(_onednn_linear, weights[:8], rows)  # warm both up
-        _pass_ms(F.linear, weights[:8], rows)
-        times["mkl"].append(_pass_ms(F.linear, weights, rows))
-        times["onednn"].append(_pass_ms(_onednn_linear, weights, rows))
+        _pass_ms(_onednn_linear, sample[:8], rows)  # warm both up
+        _pass_ms(F.linear, sample[:8], rows)
+        times["mkl"].append(_pass_ms(F.linear, sample, rows))
+        times["onednn"].append(_pass_ms(_onednn_linear, sample, rows))
     chosen = "onednn" if sum(times["onednn"]) <= ONEDNN_MARGIN * sum(times["mkl"]) else "mkl"
     log.info(
-        "decoding products: %s (one step's products, ms at %s rows: oneDNN %s, MKL %s)",
+        "decoding products: %s (%d of a step's products, ms at %s rows: oneDNN %s, MKL %s)",
         "oneDNN" if chosen == "onednn" else "MKL (F.linear)",
+        len(sample),
         "/".join(str(r) for r in TIMED_ROWS),
         "/".join(f"{t:.1f}" for t in times["onednn"]),
         "/".join(f"{t:.1f}" for t in times["mkl"]),
