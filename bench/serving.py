@@ -473,17 +473,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for mode in args.modes:
                 if users and mode == "sequential" and users > 1:
                     continue  # one at a time is one at a time: the 1-user loop measures it
-                run = await run_load(
-                    url,
-                    make_engine(mode, engine, args.max_batch),
-                    engine.tokenizer,
-                    mode=mode,
-                    arrivals_s=arrivals,
-                    users=users,
-                    streaming=mode == "continuous",
-                    max_batch=args.max_batch,
-                    namespace=f"b{len(results['runs'])}",
-                )
+                with frozen_start_up():  # the model loaded, as `chatbot worker` serves
+                    run = await run_load(
+                        url,
+                        make_engine(mode, engine, args.max_batch),
+                        engine.tokenizer,
+                        mode=mode,
+                        arrivals_s=arrivals,
+                        users=users,
+                        streaming=mode == "continuous",
+                        max_batch=args.max_batch,
+                        namespace=f"b{len(results['runs'])}",
+                    )
                 run["load"] = load
                 results["runs"].append(run)
                 print(
