@@ -64,6 +64,22 @@ def transformers_step(model: Any, tokens: Any, mask: Any, cache: Any) -> Any:
     return output.logits[:, -1]
 
 
+def small_llama(layers: int, **change: Any) -> Any:
+    """A random-weight Llama of a few dimensions (`change`: config fields)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        **change,
+    )
+    return LlamaForCausalLM(config)
+
+
 def assert_same_steps(model: Any, steps: int, tolerance: float, products: str = "auto") -> None:
     lean = lean_decoder(model, products)
     assert lean is not None
@@ -152,18 +168,7 @@ def test_the_lean_step_matches_transformers_on_the_bundled_model(
     [{"attention_bias": True}, {"mlp_bias": True}, {"hidden_act": "gelu"}, {"pretraining_tp": 2}],
 )
 def test_models_it_does_not_know_keep_transformers_forward(change: dict[str, Any]) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        **change,
-    )
-    assert lean_decoder(LlamaForCausalLM(config)) is None
+    assert lean_decoder(small_llama(layers=1, **change)) is None
 
 
 def test_a_model_of_another_family_keeps_transformers_forward() -> None:
@@ -178,18 +183,8 @@ def test_projections_routed_to_onednn_compute_the_same_and_still_train() -> None
     F.linear gives, and where autograd is on (training) they stay differentiable."""
     if not onednn_available():
         pytest.skip("this torch has no oneDNN linear")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    model = LlamaForCausalLM(config)
+    model = small_llama(layers=2)
     ids = torch.tensor([[3, 9, 27, 5, 40]])
     with torch.inference_mode():
         before = model(input_ids=ids).logits
@@ -201,6 +196,6 @@ def test_projections_routed_to_onednn_compute_the_same_and_still_train() -> None
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert model.model.layers[0].mlp.up_proj.weight.grad is not None
-    mkl = lean_decoder(LlamaForCausalLM(config), "mkl")
+    mkl = lean_decoder(small_llama(layers=2), "mkl")
     assert mkl is not None and route_products(model, mkl) == 0
     assert lean_decoder(model, "mkl") is not None  # routed layers are still known ones
