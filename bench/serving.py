@@ -6,7 +6,9 @@ the bundled model (a persona of its own, so the model writes the reply). Times c
 Redis stream entry ids (the server's clock, milliseconds), read after the run:
 
 - TTFT: from the adapter's receipt (submission) to the first text a user could see: the
-  first entry of the reply's stream, or the complete reply when nothing streamed;
+  reply's stream opening on the outbox (it goes with the first text, in one round trip; the
+  reply's stream itself keeps only its last ~20 entries, so a long reply's first ones are
+  gone from it by the end), or the complete reply when nothing streamed;
 - E2EL: to the complete reply on the outbox;
 - TPOT: (E2EL - TTFT) / (reply tokens - 1), per request; ITL: the gaps between a reply's
   stream entries (the worker publishes at most every 0.2 s, so ITL is that coarse);
@@ -307,6 +309,10 @@ async def run_load(
     outbox = keys.outbox("bench")
     deadline = time.time() + 1800
     finals: dict[str, tuple[float, str, str]] = {}
+    # When each reply's stream opened: its opening goes to the outbox with the first text,
+    # in one round trip; the reply's own stream keeps only its last ~20 entries, so a long
+    # reply's first text may be gone from it by the time it is read.
+    opened: dict[str, float] = {}
     replied: dict[str, asyncio.Event] = {}
 
     async def collect() -> None:
@@ -316,7 +322,9 @@ async def run_load(
             entries: Any = await redis.xrange(outbox, min=f"({cursor}", count=1000)
             for entry_id, fields in entries:
                 cursor = entry_id
-                if fields.get("kind") != STREAM_KIND:
+                if fields.get("kind") == STREAM_KIND:
+                    opened.setdefault(fields["conversation"], _ms(entry_id))
+                else:
                     conversation_id = fields["conversation"]
                     finals.setdefault(
                         conversation_id, (_ms(entry_id), fields["text"], fields["reply_id"])
@@ -359,16 +367,27 @@ async def run_load(
         await worker_task
         await worker_redis.aclose()
     ttft, e2el, tpot, itl, tokens = [], [], [], [], 0
+    per_request: list[dict[str, Any]] = []  # in the order the replies were completed
     for conversation_id, (done_s, text, reply_id) in finals.items():
         sent_s = submitted[conversation_id]
         conversation = ConversationKey.from_id(conversation_id)
         entries = await redis.xrange(keys.reply_stream(conversation, reply_id))
         shown = [_ms(e) for e, f in entries if "text" in f]
-        first_s = shown[0] if shown else done_s
+        first_s = opened.get(conversation_id, shown[0] if shown else done_s)
         count = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer else 9
         tokens += count
         ttft.append(first_s - sent_s)
         e2el.append(done_s - sent_s)
+        per_request.append(
+            {
+                "conversation": conversation_id,
+                "ttft_s": round(first_s - sent_s, 3),
+                "e2el_s": round(done_s - sent_s, 3),
+                "tokens": count,
+                "stream_entries": len(shown),
+                "sent_at_s": round(sent_s - started, 3),
+            }
+        )
         if count > 1:
             tpot.append((done_s - first_s) / (count - 1))
         itl += [b - a for a, b in itertools.pairwise(shown)]
@@ -386,6 +405,7 @@ async def run_load(
         "tpot_s": percentiles(tpot),
         "itl_s": percentiles(itl),
         "e2el_s": percentiles(e2el),
+        "per_request": per_request,
         "cpu_us_per_request": {
             part: round(seconds / max(len(finals), 1) * 1e6) for part, seconds in cpu_s.items()
         },
