@@ -23,24 +23,34 @@ from collections.abc import Iterator
 log = logging.getLogger(__name__)
 
 
+_serving = 0  # parts of this process inside `frozen_start_up` (`chatbot run` has several)
+
+
 @contextlib.contextmanager
 def frozen_start_up() -> Iterator[None]:
-    """While serving: what exists now is frozen (after one full collection)."""
+    """While serving: what exists now is frozen (after one full collection). Parts of one
+    process (`chatbot run`: the worker and the adapters) nest: each freezes what exists when
+    it starts (a model loaded since included), and the objects are given back only when the
+    last one ends."""
+    global _serving
     gc.collect()
     gc.freeze()
+    _serving += 1
     log.debug(
         "%d start-up objects kept out of the garbage collector's sight", gc.get_freeze_count()
     )
     try:
         yield
     finally:
-        gc.unfreeze()
+        _serving -= 1
+        if not _serving:
+            gc.unfreeze()
 
 
 def refreeze() -> None:
     """After a model was retired: collect what it left (its cycles included), freeze the
     rest again. Does nothing unless start-up objects are frozen."""
-    if not gc.get_freeze_count():
+    if not _serving:
         return
     gc.unfreeze()
     gc.collect()

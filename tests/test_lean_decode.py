@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from core.generation.engine import GenerationRequest
 from core.generation.kv_cache import cache_layers, new_cache
 from core.generation.lean_decode import (
+    OneDnnLinear,
     choose_products,
     lean_decoder,
     onednn_available,
@@ -108,6 +109,31 @@ def test_the_lean_step_matches_transformers_on_a_left_padded_batch(
     if products == "onednn" and not onednn_available():
         pytest.skip("this torch has no oneDNN linear")
     assert_same_steps(tiny_engine.model, steps=12, tolerance=1e-5, products=products)
+
+
+def test_the_engine_prefills_with_the_kernel_its_lean_step_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the lean step keeps oneDNN, the batcher routes the model's own projections
+    (prefill, `generate`) to it too."""
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
+    import core.generation.batcher as batcher_module
+    from core.generation.batcher import ContinuousBatcher
+
+    monkeypatch.setattr(batcher_module, "lean_decoder", lambda m: lean_decoder(m, "onednn"))
+    model = small_llama(layers=2)
+    ContinuousBatcher(
+        model,
+        executor=None,  # type: ignore[arg-type]  # not run: only made
+        pad_id=0,
+        stop_ids=[],
+        decode=str,
+        max_batch_size=2,
+        repetition_penalty=1.0,
+    )
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is OneDnnLinear for m in linears)
 
 
 def test_the_product_kernel_is_one_it_knows() -> None:

@@ -22,6 +22,16 @@ def test_objects_made_before_serving_are_frozen_while_it_serves() -> None:
     assert gc.get_freeze_count() == 0  # given back when serving ends
 
 
+def test_parts_of_one_process_keep_it_frozen_until_the_last_ends() -> None:
+    """`chatbot run`: the worker and the adapters serve side by side; one adapter ending must
+    not give the others' objects back."""
+    with frozen_start_up():
+        with frozen_start_up():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0  # the other part still serves
+    assert gc.get_freeze_count() == 0
+
+
 def test_refreeze_collects_a_retired_models_cycles() -> None:
     retired = Node()  # made at start-up, like a model's modules
     alive = weakref.ref(retired)
