@@ -44,22 +44,34 @@ class Delivery:
         committed = await with_retry(
             "committing a reply", lambda: self.store.commit_reply(reply, message)
         )
-        if committed:
-            # Side by side (one round trip): the count and the reply on its way.
-            await together(
-                with_retry("counting a reply", lambda: self.feedback.record_reply(reply)),
-                self.deliver(reply),
-            )
-        else:
+        acknowledge = with_retry("acknowledging jobs", lambda: self.queue.ack(entry_ids))
+        if not committed:
             log.info("reply %s was already committed by another worker; dropped", reply.reply_id)
-        await with_retry("acknowledging jobs", lambda: self.queue.ack(entry_ids))
+            await acknowledge
+            return
+        # Side by side (one round trip each): the count and the reply on its way; then,
+        # once it is on the outbox, its confirmation and the jobs' acknowledgement (a
+        # worker that dies between the two leaves either a reply that the next holder of
+        # the lock publishes again, which the outbox posts once, or a job answered already,
+        # which the next holder acknowledges).
+        await together(
+            with_retry("counting a reply", lambda: self.feedback.record_reply(reply)),
+            self._publish(reply),
+        )
+        await together(self._confirm(reply), acknowledge)
 
     async def deliver(self, reply: Reply) -> None:
         """Publish a reply and clear it from `pending_reply`."""
+        await self._publish(reply)
+        await self._confirm(reply)
+
+    async def _publish(self, reply: Reply) -> None:
         await with_retry("publishing a reply", lambda: self.outbox.publish(reply))
-        await with_retry("confirming a reply", lambda: self.store.clear_pending(reply))
         self.replies_published += 1
         metrics.reply_sent(reply.conversation.platform, reply.kind)
+
+    async def _confirm(self, reply: Reply) -> None:
+        await with_retry("confirming a reply", lambda: self.store.clear_pending(reply))
 
     async def failed(self, jobs: list[Job], error: str, max_deliveries: int) -> None:
         """Jobs whose reply could not be made: retried (left pending, claimed again after

@@ -22,6 +22,8 @@ from core.store import ConversationStore
 
 log = logging.getLogger(__name__)
 
+ANNOUNCE_EVERY_S = 1.0  # the most often `announce_soon` writes the record
+
 
 class Liveness:
     def __init__(
@@ -40,9 +42,39 @@ class Liveness:
         self.status = status
         self.started_at = time.time()
         self._stopped = asyncio.Event()
+        self._announced_at = -ANNOUNCE_EVERY_S  # monotonic
+        self._due: asyncio.Task[None] | None = None
+
+    def announce_soon(self) -> None:
+        """Announce what changed (a reply was published): now when the last announcement
+        is ANNOUNCE_EVERY_S old, else once it is. Under load that is one record written a
+        second, not one per reply, and `chatbot health` is never more than that behind."""
+        if self._due is not None or self._stopped.is_set():
+            return  # one is due already
+        wait_s = max(0.0, self._announced_at + ANNOUNCE_EVERY_S - time.monotonic())
+        self._due = asyncio.get_running_loop().create_task(self._announce_after(wait_s))
+
+    async def _announce_after(self, wait_s: float) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), wait_s)
+            if not self._stopped.is_set():
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await self.announce()
+        finally:
+            self._due = None
+
+    async def quiet(self) -> None:
+        """Stop, and wait for an announcement under way (so that none is written after the
+        caller removes the record)."""
+        self.stop()
+        due = self._due
+        if due is not None:
+            await asyncio.wait([due])
 
     async def announce(self) -> None:
         """Tell `chatbot health` (and operators) that this worker is alive."""
+        self._announced_at = time.monotonic()
         record = {
             "consumer": self.queue.consumer,
             "pid": os.getpid(),

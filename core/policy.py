@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -220,6 +220,10 @@ class Situation:
 
     config: WorkspaceConfig
     handed_off: bool
+    # The users read to have no pending "forget me" confirmation (`read`'s `author`): a
+    # confirmation is only ever asked for by the holder of the conversation's lock, so
+    # under the lock "none" stays true and `decide` need not clear one.
+    no_forget_request: frozenset[str] = frozenset()
 
 
 class AnswerPolicy:
@@ -237,14 +241,26 @@ class AnswerPolicy:
         self.forget_requests = forget_requests
         self.retriever = retriever
 
-    async def read(self, conversation: ConversationKey) -> Situation:
-        """What `decide` needs from Redis besides the history: the workspace's settings and
-        whether a person has the conversation (two reads, side by side: one round trip)."""
-        config, handoff = await together(
+    def read(self, conversation: ConversationKey, author: str = "") -> list[Awaitable[Any]]:
+        """The reads `situation` makes a Situation of (what `decide` needs from Redis
+        besides the history): the workspace's settings, whether a person has the
+        conversation, and, for `author` (the newest message's, when known), whether a
+        "forget me" confirmation is pending. Awaitables, for the caller to run side by
+        side with its own reads (one round trip; a nested `together` would take two)."""
+        reads: list[Awaitable[Any]] = [
             self.workspaces.config(conversation.platform, conversation.workspace),
             self.handoffs.get(conversation),
-        )
-        return Situation(config, handed_off=handoff is not None)
+        ]
+        if author:
+            reads.append(self.forget_requests.asked(conversation, author))
+        return reads
+
+    @staticmethod
+    def situation(results: Sequence[Any], author: str = "") -> Situation:
+        """The Situation of `read`'s results (in its order)."""
+        config, handoff, *forget = results
+        clear = frozenset({author}) if author and forget and not forget[0] else frozenset()
+        return Situation(config, handed_off=handoff is not None, no_forget_request=clear)
 
     async def decide(
         self,
@@ -255,9 +271,15 @@ class AnswerPolicy:
         """The plan for the newest user message of `history`, its replies disclosed as the
         workspace asks. `situation`: `read`'s, when the caller read it already."""
         if situation is None:
-            situation = await self.read(conversation)
+            situation = self.situation(await together(*self.read(conversation)))
         config, handed_off = situation.config, situation.handed_off
-        plan = await self._decide(conversation, history, config, handed_off=handed_off)
+        plan = await self._decide(
+            conversation,
+            history,
+            config,
+            handed_off=handed_off,
+            no_forget_request=situation.no_forget_request,
+        )
         if not config.disclosure:
             return plan
         if isinstance(plan, Generate):
@@ -273,13 +295,15 @@ class AnswerPolicy:
         config: WorkspaceConfig,
         *,
         handed_off: bool,
+        no_forget_request: frozenset[str] = frozenset(),
     ) -> Plan:
         if handed_off:
             return StayQuiet()
         newest = next(m for m in reversed(history) if m.role is Role.USER)
         # Asked to confirm forgetting? A "yes" does it; anything else keeps the data.
-        if await self.forget_requests.take(conversation, newest.author_id) and is_confirmation(
-            newest.text
+        if newest.author_id not in no_forget_request and (
+            await self.forget_requests.take(conversation, newest.author_id)
+            and is_confirmation(newest.text)
         ):
             return ForgetUser(newest.author_id)
         intent = detect_intent(newest.text)

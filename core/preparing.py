@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from core.collecting import Collector
 from core.context import handling_jobs
@@ -24,15 +25,24 @@ from core.generation.prompt import build_prompt
 from core.jobs import Job, JobQueue
 from core.plans import PlanRunner
 from core.policy import AnswerPolicy, Generate, Situation
-from core.redis_batching import together
+from core.redis_batching import keeps_order, together
 from core.redis_conn import TRANSIENT_ERRORS
 from core.settings import Settings
-from core.store import ConversationLock, ConversationStore
+from core.store import ConversationLock, ConversationState, ConversationStore
 
 log = logging.getLogger(__name__)
 
 # How long a lock release may take when preparing a batch was cancelled midway.
 RELEASE_ON_FAILURE_S = 5.0
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What the holder of a conversation's lock reads before preparing it."""
+
+    state: ConversationState
+    history: list[Message]
+    situation: Situation
 
 
 @dataclass
@@ -68,6 +78,8 @@ class Preparer:
         self.policy = policy
         self.plans = plans
         self.engine = engine  # the one served now (a promotion swaps it)
+        # Whether the lock and the reads may go in one round trip (`_conversation`).
+        self._ordered = keeps_order(store.redis)
 
     async def prepare(self, jobs: list[Job]) -> tuple[list[Prepared], Exception | None]:
         """The conversations ready to generate, each holding its lock, prepared side by
@@ -118,14 +130,27 @@ class Preparer:
         self, conversation: ConversationKey, jobs: list[Job]
     ) -> Prepared | None:
         async with contextlib.AsyncExitStack() as stack:
-            lock = await stack.enter_async_context(
+            taking = stack.enter_async_context(
                 self.store.lock(conversation, self.settings.lock_ttl_s)
             )
+            author = max(jobs, key=lambda j: j.seq).author  # the newest message's
+            read: _Read | None = None
+            if self._ordered:
+                # The reads go right behind the lock's SET NX, in the same round trip and
+                # executed after it, so they read what the lock's holder may rely on;
+                # they are dropped when the lock is another's.
+                lock, *results = await together(taking, *self._reads(conversation, author))
+                read = self._read(results, author)
+            else:  # Redis Cluster: side by side is not in order; read once it is held
+                lock = await taking
             if not lock.held:
                 for job in jobs:  # another worker is answering; look again next step
                     self.collector.defer(job)
                 return None
-            waiting, stored, situation = await self._settle(conversation, jobs)
+            if read is None:
+                results = await together(*self._reads(conversation, author))
+                read = self._read(results, author)
+            waiting, stored, situation = await self._settle(conversation, jobs, read)
             history = await self._holding(conversation, waiting, stored) if waiting else None
             if not history:
                 return None
@@ -142,18 +167,28 @@ class Preparer:
             return Prepared(conversation, waiting, newest, lock, stack.pop_all(), request, plan)
         return None  # not reached; mypy cannot tell that the stack never swallows errors
 
+    def _reads(self, conversation: ConversationKey, author: str) -> list[Awaitable[Any]]:
+        """What a holder of the lock reads: the state, the history and what the policy
+        reads; for one `together` (one round trip, none nested: a nested `together`
+        issues its commands a turn later, in a round trip of their own)."""
+        return [
+            self.store.state(conversation),
+            self.store.history(conversation),
+            *self.policy.read(conversation, author),
+        ]
+
+    def _read(self, results: Sequence[Any], author: str) -> _Read:
+        state, history, *policy = results
+        return _Read(state, history, self.policy.situation(policy, author))
+
     async def _settle(
-        self, conversation: ConversationKey, jobs: list[Job]
+        self, conversation: ConversationKey, jobs: list[Job], read: _Read
     ) -> tuple[list[Job], list[Message], Situation]:
         """Under the lock: deliver a reply a dead worker committed but never handed to the
         outbox (only here, so two workers never both deliver it), acknowledge the jobs
         already answered; return the ones still waiting, the history and what the policy
-        reads (all read with the state, in one round trip)."""
-        state, history, situation = await together(
-            self.store.state(conversation),
-            self.store.history(conversation),
-            self.policy.read(conversation),
-        )
+        reads."""
+        state, history, situation = read.state, read.history, read.situation
         if state.pending_reply is not None:
             await self.delivery.deliver(state.pending_reply)
         await self._ack_answered(conversation, jobs, state.answered)

@@ -87,6 +87,13 @@ async def together(*steps: Awaitable[Any]) -> list[Any]:
     return results
 
 
+def keeps_order(redis: Any) -> bool:
+    """Whether the commands that `together`'s steps issue in their first turn reach Redis
+    in the order of the steps (and are executed so): a `Batching` client sends them in
+    one pipeline. Another client (a Cluster's) may send them side by side."""
+    return isinstance(redis, Batching) and not redis.single_connection_client
+
+
 class _Pending:
     __slots__ = ("args", "future", "options")
 

@@ -72,6 +72,7 @@ class ReplyPublisher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def shown(self) -> str:
@@ -141,8 +142,9 @@ class ReplyPublisher:
     async def close(self) -> None:
         """Tell the adapters following this reply that no more text will come."""
         await self.stop()
-        if not self.opened:
+        if not self.opened or self._closed:
             return
+        self._closed = True  # once, however often it is called
         try:
             await self._add({"done": "1"})
         except TRANSIENT_ERRORS as exc:  # followers stop on their own when the text stops

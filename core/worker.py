@@ -44,6 +44,7 @@ from core.plans import PlanRunner
 from core.policy import AnswerPolicy, Draft
 from core.preparing import Prepared, Preparer
 from core.promotions import EngineLoader, PromotedModels
+from core.redis_batching import together
 from core.redis_conn import TRANSIENT_ERRORS, Backoff, Redis, with_retry
 from core.settings import Settings
 from core.store import ConversationStore
@@ -165,7 +166,7 @@ class Worker:
                     await asyncio.sleep(STEP_FAILURE_PAUSE_S)
         finally:
             await self.drain()
-            self.liveness.stop()
+            await self.liveness.quiet()
             heartbeat.cancel()
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 await self.queue.redis.delete(self.queue.keys.worker(self.consumer))
@@ -259,7 +260,7 @@ class Worker:
             )
             if publisher is not None:
                 await publisher.stop()
-            await self._finish(item, generation, publisher.shown if publisher else "")
+            await self._finish(item, generation, publisher)
         except TRANSIENT_ERRORS as exc:
             log.warning(
                 "could not finish %s (%s); its jobs will be retried", item.request.request_id, exc
@@ -271,25 +272,33 @@ class Worker:
                 await publisher.close()
             self._in_flight.pop(item.request.request_id, None)
             await item.release.aclose()  # a no-op when `_finish` released it
-            with contextlib.suppress(*TRANSIENT_ERRORS):
-                await self.liveness.announce()
+            self.liveness.announce_soon()
 
-    async def _finish(self, item: Prepared, generation: Generation, shown: str = "") -> None:
-        async with item.release:
-            if generation.finish_reason == "error":
-                await self.delivery.failed(
-                    item.jobs, generation.error, self.settings.max_deliveries
-                )
-                return
-            draft = item.plan.draft(generation.text, generation.finish_reason, shown)
-            reply = reply_to(item.newest, item.conversation, draft)
-            log.debug(
-                "committing %s covering %d for jobs %s",
-                reply.reply_id,
-                reply.covers_seq,
-                [(j.entry_id, j.seq) for j in item.jobs],
+    async def _finish(
+        self, item: Prepared, generation: Generation, publisher: ReplyPublisher | None = None
+    ) -> None:
+        """Commit the reply (or count the failure); then, side by side in one round trip,
+        release the conversation's lock and close the reply's stream."""
+        try:
+            await self._commit(item, generation, publisher.shown if publisher else "")
+        finally:
+            await together(
+                item.release.aclose(), publisher.close() if publisher else asyncio.sleep(0)
             )
-            await self.delivery.commit(reply, [j.entry_id for j in item.jobs])
+
+    async def _commit(self, item: Prepared, generation: Generation, shown: str) -> None:
+        if generation.finish_reason == "error":
+            await self.delivery.failed(item.jobs, generation.error, self.settings.max_deliveries)
+            return
+        draft = item.plan.draft(generation.text, generation.finish_reason, shown)
+        reply = reply_to(item.newest, item.conversation, draft)
+        log.debug(
+            "committing %s covering %d for jobs %s",
+            reply.reply_id,
+            reply.covers_seq,
+            [(j.entry_id, j.seq) for j in item.jobs],
+        )
+        await self.delivery.commit(reply, [j.entry_id for j in item.jobs])
 
     # -- failures ---------------------------------------------------------------------
 

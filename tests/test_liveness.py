@@ -5,6 +5,7 @@ they are stopped, even when the cancellation meant to stop them is lost in a Red
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -86,3 +87,51 @@ async def test_the_handoff_watch_of_a_reply_ends_though_a_redis_call_lost_its_ca
     watch.cancel()
     done, _ = await asyncio.wait({watch}, timeout=10)
     assert watch in done and watch.cancelled()
+
+
+async def test_replies_are_announced_once_a_second_at_most_and_never_after_quiet(
+    redis: Any, settings: Settings, keys: Keys
+) -> None:
+    queue = JobQueue(redis, keys, consumer="w3")
+    store = ConversationStore.from_settings(redis, settings)
+    published = {"replies_published": 0}
+    liveness = Liveness(queue, store, 60, owned_jobs=list, status=lambda: dict(published))
+    writes = []
+    announce = liveness.announce
+
+    async def counted() -> None:
+        writes.append(published["replies_published"])
+        await announce()
+
+    liveness.announce = counted  # type: ignore[method-assign]
+
+    async def shown() -> int:
+        raw = await redis.get(keys.worker("w3"))
+        return int(json.loads(raw)["replies_published"]) if raw else -1
+
+    # The first reply is announced at once.
+    published["replies_published"] = 1
+    liveness.announce_soon()
+    for _ in range(200):
+        if await shown() == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert await shown() == 1 and writes == [1]
+    # Fifty more within the second: one announcement, when the second has passed, with
+    # the latest count.
+    for n in range(2, 52):
+        published["replies_published"] = n
+        liveness.announce_soon()
+    for _ in range(400):
+        if await shown() == 51:
+            break
+        await asyncio.sleep(0.01)
+    assert await shown() == 51 and writes == [1, 51]
+    # One more is due in a second; stopping drops it, and none is written afterwards.
+    published["replies_published"] = 52
+    liveness.announce_soon()
+    await asyncio.wait_for(liveness.quiet(), 0.9)  # not after the second: at once
+    assert liveness._due is None
+    liveness.announce_soon()  # stopped: nothing more is scheduled
+    assert liveness._due is None
+    assert await shown() == 51 and writes == [1, 51]

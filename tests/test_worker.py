@@ -149,6 +149,39 @@ async def test_redis_lost_midway_through_a_batch_leaves_no_conversation_locked(
     assert await pending_count(redis, settings) == 0
 
 
+async def test_the_lock_and_what_its_holder_reads_go_in_one_round_trip(
+    redis: Any, settings: Settings, tiny_engine: TransformersEngine
+) -> None:
+    """Taking a conversation costs one round trip: SET NX first, the reads behind it in the
+    same pipeline (executed after it, so they read what the holder may rely on). While
+    another worker holds the lock, the reads are dropped and the job waits its turn."""
+    keys = Keys(settings.namespace)
+    await submit(redis, settings, A, "hello", "m1")
+    worker = Worker(redis, settings, tiny_engine)
+    await worker.queue.ensure_group()
+    sent: list[list[str]] = []
+    send = redis._send
+
+    async def recording(batch: Any) -> None:
+        names = [str(p.args[0]).upper() for p in batch]
+        if any(keys.lock(A) in map(str, p.args) for p in batch):
+            sent.append(names)
+        await send(batch)
+
+    redis._send = recording
+    await redis.set(keys.lock(A), "another worker", px=60_000)
+    assert await worker.step() == 1
+    await worker.drain()
+    assert await outbox(redis, settings) == []  # another worker has it: not answered here
+    assert sent and sent[0][0] == "SET"
+    assert {"HGETALL", "LRANGE"} <= set(sent[0][1:])  # read in the same round trip
+    await redis.delete(keys.lock(A))
+    assert await worker.step() == 1  # the deferred job, taken now
+    await worker.drain()
+    assert [r.conversation for r in await outbox(redis, settings)] == [A]
+    assert await redis.exists(keys.lock(A)) == 0
+
+
 async def test_a_redelivered_job_does_not_post_a_second_reply(
     redis: Any, settings: Settings, tiny_engine: TransformersEngine
 ) -> None:

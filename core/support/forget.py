@@ -85,6 +85,10 @@ class ForgetRequests:
             self.keys.forget_request(conversation, user_id), "1", ex=CONFIRM_WINDOW_S
         )
 
+    async def asked(self, conversation: ConversationKey, user_id: str) -> bool:
+        """Whether a confirmation is pending (left as it is)."""
+        return bool(await self.redis.exists(self.keys.forget_request(conversation, user_id)))
+
     async def take(self, conversation: ConversationKey, user_id: str) -> bool:
         """Whether a confirmation was pending (it is cleared either way)."""
         return bool(await self.redis.delete(self.keys.forget_request(conversation, user_id)))
