@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 from core import metrics
 from core.conversation import ConversationKey, Message, Reply, ReplyId, Role
@@ -44,10 +46,13 @@ class Delivery:
         committed = await with_retry(
             "committing a reply", lambda: self.store.commit_reply(reply, message)
         )
-        acknowledge = with_retry("acknowledging jobs", lambda: self.queue.ack(entry_ids))
+
+        def acknowledge() -> Awaitable[Any]:
+            return with_retry("acknowledging jobs", lambda: self.queue.ack(entry_ids))
+
         if not committed:
             log.info("reply %s was already committed by another worker; dropped", reply.reply_id)
-            await acknowledge
+            await acknowledge()
             return
         # Side by side (one round trip each): the count and the reply on its way; then,
         # once it is on the outbox, its confirmation and the jobs' acknowledgement (a
@@ -58,7 +63,7 @@ class Delivery:
             with_retry("counting a reply", lambda: self.feedback.record_reply(reply)),
             self._publish(reply),
         )
-        await together(self._confirm(reply), acknowledge)
+        await together(self._confirm(reply), acknowledge())
 
     async def deliver(self, reply: Reply) -> None:
         """Publish a reply and clear it from `pending_reply`."""

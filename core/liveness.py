@@ -56,8 +56,9 @@ class Liveness:
 
     async def _announce_after(self, wait_s: float) -> None:
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), wait_s)
+            if wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), wait_s)
             if not self._stopped.is_set():
                 with contextlib.suppress(*TRANSIENT_ERRORS):
                     await self.announce()
