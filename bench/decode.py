@@ -5,8 +5,9 @@ exceed (read bandwidth) / (weight bytes). The bandwidth is measured in the same 
 torch sum over 256 MB, on the idle machine: run nothing else meanwhile). Then the engine
 (continuous batching, `core/generation/batcher.py`) generates fixed-length replies (end of
 sequence ignored) at batch 1, 8, 16 and 32: with its lean decoding step
-(`core/generation/lean_decode.py`) and, side by side at each batch size, with transformers'
-forward in its place.
+(`core/generation/lean_decode.py`) on the product kernel it chose and, side by side at each
+batch size, on each other kernel (MKL, oneDNN on the plain weights, oneDNN on packed
+copies), and with transformers' forward in its place.
 
     .venv/bin/python bench/decode.py                 # fp32 (the target) on this CPU
     .venv/bin/python bench/decode.py --dtype bfloat16
@@ -85,26 +86,29 @@ def main(argv: list[str] | None = None) -> int:
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     asyncio.run(engine_tok_s(engine, 1, 4))  # warm up
     lean = engine.batcher.lean
-    # The lean step with the other product kernel than the one it chose, made on the engine
-    # thread too (lean_decode.choose_products).
-    other = None
+    # The lean step with each product kernel other than the one it chose, made on the
+    # engine thread too (lean_decode.choose_products).
+    others: dict[str, Any] = {}
     if lean is not None:
-        kernel = "mkl" if lean.products == "onednn" else "onednn"
-        other = engine.executor.submit(lean_decoder, engine.model, kernel).result()
-        if other is not None and other.products == lean.products:
-            other = None  # oneDNN is not available here
+        for kernel in ("mkl", "onednn", "onednn-packed"):
+            if kernel == lean.products:
+                continue
+            other = engine.executor.submit(lean_decoder, engine.model, kernel).result()
+            if other is not None and other.products == kernel:  # else not available here
+                others[kernel] = other
     measured: dict[int, float] = {}
-    measured_other: dict[int, float] = {}
+    measured_other: dict[str, dict[int, float]] = {kernel: {} for kernel in others}
     forward: dict[int, float] = {}
     for batch in args.batches:
         engine.batcher.lean = lean
         measured[batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
-        if other is not None:
+        for kernel, other in others.items():
             engine.batcher.lean = other
-            measured_other[batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
+            measured_other[kernel][batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
         engine.batcher.lean = None
         forward[batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
     engine.batcher.lean = lean
+    others.clear()  # their packed copies
     # Last (its 256 MB buffer slowed what came after it), on the engine's thread too.
     bandwidth = engine.executor.submit(read_bandwidth_gb_s).result()
     limit = bandwidth * 1e9 / weight_bytes
@@ -117,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         "lean_step": lean is not None,
         "lean_products": lean.products if lean is not None else None,
         "engine": {},
-        "engine_other_products": {},
-        "other_products": other.products if other is not None else None,
+        "engine_other_products": {  # the lean step with each other kernel
+            kernel: {str(b): round(t, 1) for b, t in figures.items()}
+            for kernel, figures in measured_other.items()
+        },
         "engine_transformers_forward": {},
     }
     print(f"read bandwidth {bandwidth:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB")
@@ -127,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         results["engine"][str(batch)] = round(tok_s, 1)
         results["engine_transformers_forward"][str(batch)] = round(forward[batch], 1)
         share = f" = {tok_s / limit:.0%} of the limit" if batch == 1 else ""
-        compared = ""
-        if batch in measured_other:
-            results["engine_other_products"][str(batch)] = round(measured_other[batch], 1)
-            compared = f", with {other.products} products: {measured_other[batch]:6.1f}"
+        compared = "".join(
+            f", {kernel} products: {figures[batch]:6.1f}"
+            for kernel, figures in measured_other.items()
+        )
         print(
             f"batch {batch:>2}: engine {tok_s:6.1f} tok/s{share}"
             f" (with transformers' forward: {forward[batch]:6.1f} tok/s{compared})"

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import core.generation.lean_decode as lean_decode
 from core.generation.engine import GenerationRequest
 from core.generation.kv_cache import cache_layers, new_cache
 from core.generation.lean_decode import (
@@ -19,6 +20,8 @@ from core.generation.lean_decode import (
     choose_products,
     lean_decoder,
     onednn_available,
+    pack,
+    packing_available,
     route_products,
 )
 from core.generation.transformers_engine import TransformersEngine
@@ -100,15 +103,66 @@ def assert_same_steps(model: Any, steps: int, tolerance: float, products: str = 
         torch.testing.assert_close(mine.values, reference.values, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("products", ["auto", "mkl", "onednn"])
+def skip_unless_available(products: str) -> None:
+    if products == "onednn" and not onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
+    if products == "onednn-packed" and not packing_available():
+        pytest.skip("this torch cannot pack weights for oneDNN")
+
+
+@pytest.mark.parametrize("products", ["auto", "mkl", "onednn", "onednn-packed"])
 def test_the_lean_step_matches_transformers_on_a_left_padded_batch(
     tiny_engine: TransformersEngine, products: str
 ) -> None:
-    """With either product kernel (the one the decoder would choose by timing, MKL through
-    F.linear, oneDNN's fused linear)."""
-    if products == "onednn" and not onednn_available():
-        pytest.skip("this torch has no oneDNN linear")
+    """With every product kernel (the one the decoder would choose by timing, MKL through
+    F.linear, oneDNN's fused linear on the plain weights and on packed copies)."""
+    skip_unless_available(products)
     assert_same_steps(tiny_engine.model, steps=12, tolerance=1e-5, products=products)
+
+
+def test_packed_copies_are_the_lean_steps_own_and_compute_every_row_count() -> None:
+    """The packed copies replace the step's operands, not the model's weights (prefill and
+    training use those), and give F.linear's product at any number of rows, not only the
+    8 they were packed for."""
+    skip_unless_available("onednn-packed")
+    model = small_llama(layers=2)
+    lean = lean_decoder(model, "onednn-packed")
+    assert lean is not None and lean.products == "onednn-packed"
+    layer = model.model.layers[0]
+    assert lean.layers[0].q is not layer.self_attn.q_proj.weight
+    assert lean.layers[0].q.is_mkldnn and not layer.self_attn.q_proj.weight.is_mkldnn
+    weight = torch.randn(48, 16)
+    packed = pack(weight)
+    with torch.inference_mode():
+        for rows in (1, 3, 8, 13, 64):
+            inputs = torch.randn(rows, 16)
+            torch.testing.assert_close(
+                lean_decode._onednn_linear(inputs, packed), F.linear(inputs, weight)
+            )
+
+
+def test_no_packed_copies_where_they_would_crowd_the_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Timing decides ("auto"), but the plain weights are kept when copies of them would
+    take over a quarter of the memory available (or when that cannot be read), however
+    much faster they are."""
+    skip_unless_available("onednn-packed")
+    weights = [torch.randn(256, 128) for _ in range(4)]
+    size = sum(w.numel() * w.element_size() for w in weights)
+
+    def timed(linear: Any, operands: Any, rows: int) -> float:
+        if operands[0].is_mkldnn:
+            return 1.0  # packed copies: ten times as fast as the plain weights
+        return 20.0 if linear is F.linear else 10.0
+
+    monkeypatch.setattr(lean_decode, "_pass_ms", timed)
+    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: 100 * size)
+    assert choose_products(weights, "auto")[0] == "onednn-packed"
+    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: 3 * size)
+    assert choose_products(weights, "auto")[0] == "onednn"
+    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: None)
+    assert choose_products(weights, "auto")[0] == "onednn"
 
 
 def test_the_engine_prefills_with_the_kernel_its_lean_step_chose(
@@ -145,16 +199,17 @@ def test_the_product_kernel_is_one_it_knows() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kernel", ["auto", "onednn"])
+@pytest.mark.parametrize("kernel", ["auto", "onednn", "onednn-packed"])
 def test_the_chosen_kernel_computes_the_product_in_every_dtype(
     dtype: torch.dtype, kernel: str
 ) -> None:
     """oneDNN has no fp16 product on many CPUs: asked for it there, the decoder keeps MKL
     instead of failing to load."""
     weight, inputs = torch.randn(16, 8).to(dtype), torch.randn(3, 8).to(dtype)
-    _name, linear = choose_products([weight], kernel)
+    name, linear = choose_products([weight], kernel)
+    operand = pack(weight) if name == "onednn-packed" else weight
     with torch.inference_mode():
-        torch.testing.assert_close(linear(inputs, weight), F.linear(inputs, weight))
+        torch.testing.assert_close(linear(inputs, operand), F.linear(inputs, weight))
 
 
 async def test_the_engine_decodes_through_the_lean_step(tiny_engine: TransformersEngine) -> None:
@@ -179,12 +234,11 @@ async def test_the_engine_decodes_through_the_lean_step(tiny_engine: Transformer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("products", ["mkl", "onednn"])
+@pytest.mark.parametrize("products", ["mkl", "onednn", "onednn-packed"])
 def test_the_lean_step_matches_transformers_on_the_bundled_model(
     bundled_engine: TransformersEngine, products: str
 ) -> None:
-    if products == "onednn" and not onednn_available():
-        pytest.skip("this torch has no oneDNN linear")
+    skip_unless_available(products)
     assert bundled_engine.batcher.lean is not None
     assert_same_steps(bundled_engine.model, steps=8, tolerance=1e-4, products=products)
 

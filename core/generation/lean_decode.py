@@ -22,16 +22,21 @@ The products (`F.linear`, i.e. MKL's sgemm/sgemv on a CPU build of torch) are th
 cost, and how fast they run depends on the machine: on an AMD EPYC, MKL's fp32 products
 over this model's weights read 12 GB/s where a plain sum reads 36, and oneDNN's
 (`torch.ops.mkldnn._linear_pointwise`, on the same plain weights, no copy) ran the same
-products 1.5-2.3x as fast at 1 to 64 rows. So the decoder times both on the model's own
-weights when it is made (`choose_products`, well under a second) and keeps the faster; the
-choice is logged.
+products 1.5-2.3x as fast at 1 to 64 rows; on copies of the weights reordered into
+oneDNN's blocked layout (`pack`, made for 8 rows; any count works) they ran 1.2x (1 row)
+to 1.5x (8 rows) faster again, and the engine decoded 1.25-1.6x as many tokens/s at batch
+1 to 32. So the decoder times the kernels on the model's own weights when it is made
+(`choose_products`, about a second) and keeps the fastest; the choice is logged. The packed
+copies double the weights' memory (prefill and training keep the plain weights), so they
+are only made where they take at most a quarter of the memory available.
 
 Tried and left out: at 4-16 rows MKL's sgemm is slow on an Intel Xeon too (8 rows cost 2x
-one row); oneDNN with weights reordered once into its blocked layout did 8-row products
-1.3x faster in isolation there, but with the blocked copies made, every step of the engine
-slowed, the unblocked ones too (bench/decode.py: batch 1 26.7 -> 17.8 tok/s, batch 8
-101 -> 82), for reasons not found. MKL's packed sgemm (`mkl._mkl_linear`) helps only at
-the exact row count it was packed for.
+one row). On that Xeon an earlier benchmark saw every engine step slow down once packed
+copies existed (batch 1 26.7 -> 17.8 tok/s), but that benchmark loaded the model on one
+thread and decoded on another (the 30-50 % slowdown `bench/decode.py` now avoids), so it
+may not hold; the timing at load decides on each machine. Packed for 1 row, the copies
+were no faster here. MKL's packed sgemm (`mkl._mkl_linear`) helps only at the exact row
+count it was packed for.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,11 +55,18 @@ from core.generation.kv_cache import cache_layers
 log = logging.getLogger(__name__)
 
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-PRODUCT_KERNELS = ("auto", "mkl", "onednn")
+PRODUCT_KERNELS = ("auto", "mkl", "onednn", "onednn-packed")
 TIMED_ROWS = (1, 8)  # the batch sizes `choose_products` times the kernels at
 TIMING_ROUNDS = 3  # each kernel's best of this many passes over the weights
 TIMED_WEIGHTS = 1 + 7 * 8  # the output product and 8 layers' (all of a smaller model's)
 ONEDNN_MARGIN = 0.9  # oneDNN is kept when it takes at most this share of F.linear's time
+# Packed copies (oneDNN's blocked layout, made for this many rows; a hint, any count works)
+# are kept when they take at most PACKED_MARGIN of the plain weights' time, and when the
+# copies take at most PACKED_MEMORY_SHARE of the memory available (they double the
+# weights' memory: prefill and training keep the plain ones).
+PACKED_ROWS = 8
+PACKED_MARGIN = 0.9
+PACKED_MEMORY_SHARE = 0.25
 
 
 def _onednn_linear(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -75,6 +87,44 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
         return False
 
 
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` reordered into oneDNN's blocked layout, for `_onednn_linear` (a copy)."""
+    with torch.inference_mode():
+        packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS)
+    return packed
+
+
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's packed weights work here for `dtype` (products checked)."""
+    if not onednn_available(dtype):
+        return False
+    try:
+        weight, inputs = torch.randn(16, 8).to(dtype), torch.randn(3, 8).to(dtype)
+        with torch.inference_mode():
+            packed = _onednn_linear(inputs, pack(weight)).float()
+            return bool(torch.allclose(packed, F.linear(inputs, weight).float(), atol=1e-2))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _packing_fits(weights: Sequence[torch.Tensor]) -> bool:
+    available = available_memory_bytes()
+    size = sum(w.numel() * w.element_size() for w in weights)
+    return available is not None and size <= PACKED_MEMORY_SHARE * available
+
+
 def _pass_ms(linear: Linear, weights: Sequence[torch.Tensor], rows: int) -> float:
     """Milliseconds of one product per weight at `rows` rows, the best of TIMING_ROUNDS."""
     inputs = {w.shape[1]: torch.ones(rows, w.shape[1], dtype=w.dtype) for w in weights}
@@ -89,40 +139,56 @@ def _pass_ms(linear: Linear, weights: Sequence[torch.Tensor], rows: int) -> floa
 
 
 def choose_products(weights: Sequence[torch.Tensor], kernel: str = "auto") -> tuple[str, Linear]:
-    """The product kernel for `weights` (on the CPU): `kernel` "mkl" (`F.linear`), "onednn",
-    or "auto": both timed on these weights at TIMED_ROWS rows, oneDNN kept where it is
-    clearly faster (see the module's docstring)."""
+    """The product kernel for `weights` (on the CPU): `kernel` "mkl" (`F.linear`), "onednn"
+    (on the plain weights), "onednn-packed" (on copies of them in oneDNN's blocked layout,
+    `pack`: the caller makes them), or "auto": all timed on these weights at TIMED_ROWS
+    rows, oneDNN kept where it is clearly faster than MKL and the packed copies where they
+    are clearly faster than the plain weights and fit in memory (the module's docstring)."""
     if kernel not in PRODUCT_KERNELS:
         raise ValueError(f"product kernel {kernel!r} is not one of {', '.join(PRODUCT_KERNELS)}")
     if kernel == "mkl" or not weights:
         return "mkl", F.linear
-    if not onednn_available(weights[0].dtype):
-        if kernel == "onednn":
-            log.warning(
-                "oneDNN has no %s product here: decoding products go through MKL", weights[0].dtype
-            )
+    dtype = weights[0].dtype
+    if not onednn_available(dtype):
+        if kernel != "auto":
+            log.warning("oneDNN has no %s product here: decoding products go through MKL", dtype)
         return "mkl", F.linear
-    if kernel == "onednn":
-        return "onednn", _onednn_linear
+    if kernel == "onednn-packed" and not packing_available(dtype):
+        log.warning("oneDNN cannot pack %s weights here: its products use them as they are", dtype)
+        kernel = "onednn"
+    if kernel != "auto":
+        return kernel, _onednn_linear
     # A big model's weights are timed in part: the layers are alike, and the sample still
     # reads more than a cache holds (the first weight is the wide output product).
     sample = list(weights[:TIMED_WEIGHTS])
-    times: dict[str, list[float]] = {"mkl": [], "onednn": []}
+    kernels: dict[str, tuple[Linear, Sequence[torch.Tensor]]] = {
+        "mkl": (F.linear, sample),
+        "onednn": (_onednn_linear, sample),
+    }
+    fits = _packing_fits(weights)
+    if fits and packing_available(dtype):
+        kernels["onednn-packed"] = (_onednn_linear, [pack(w) for w in sample])
+    times: dict[str, list[float]] = {name: [] for name in kernels}
     for rows in TIMED_ROWS:
-        _pass_ms(_onednn_linear, sample[:8], rows)  # warm both up
-        _pass_ms(F.linear, sample[:8], rows)
-        times["mkl"].append(_pass_ms(F.linear, sample, rows))
-        times["onednn"].append(_pass_ms(_onednn_linear, sample, rows))
-    chosen = "onednn" if sum(times["onednn"]) <= ONEDNN_MARGIN * sum(times["mkl"]) else "mkl"
+        for linear, operands in kernels.values():  # warm each up
+            _pass_ms(linear, operands[:8], rows)
+        for name, (linear, operands) in kernels.items():
+            times[name].append(_pass_ms(linear, operands, rows))
+    total = {name: sum(t) for name, t in times.items()}
+    chosen = "onednn" if total["onednn"] <= ONEDNN_MARGIN * total["mkl"] else "mkl"
+    if chosen == "onednn" and total.get("onednn-packed", float("inf")) <= (
+        PACKED_MARGIN * total["onednn"]
+    ):
+        chosen = "onednn-packed"
     log.info(
-        "decoding products: %s (%d of a step's products, ms at %s rows: oneDNN %s, MKL %s)",
-        "oneDNN" if chosen == "onednn" else "MKL (F.linear)",
+        "decoding products: %s (%d of a step's products, ms at %s rows: %s%s)",
+        chosen,
         len(sample),
         "/".join(str(r) for r in TIMED_ROWS),
-        "/".join(f"{t:.1f}" for t in times["onednn"]),
-        "/".join(f"{t:.1f}" for t in times["mkl"]),
+        ", ".join(f"{name} {'/'.join(f'{t:.1f}' for t in ts)}" for name, ts in times.items()),
+        "" if fits else "; no packed copies: they would take over a quarter of the free memory",
     )
-    return chosen, (_onednn_linear if chosen == "onednn" else F.linear)
+    return chosen, (F.linear if chosen == "mkl" else _onednn_linear)
 
 
 @dataclass(frozen=True)
@@ -182,6 +248,9 @@ class LeanDecoder:
         for layer in self.layers:
             weights += [layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down]
         self.products, self._linear = choose_products(weights, products)
+        if self.products == "onednn-packed":  # this step's own copies; prefill keeps the plain
+            self.lm_head = pack(self.lm_head)
+            self.layers = [_packed(layer) for layer in self.layers]
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -224,6 +293,19 @@ class LeanDecoder:
         return linear(hidden, self.lm_head)
 
 
+def _packed(layer: _Layer) -> _Layer:
+    return replace(
+        layer,
+        q=pack(layer.q),
+        k=pack(layer.k),
+        v=pack(layer.v),
+        o=pack(layer.o),
+        gate=pack(layer.gate),
+        up=pack(layer.up),
+        down=pack(layer.down),
+    )
+
+
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalised in float32, scaled in the model's dtype."""
     if hidden.dtype == torch.float32:
@@ -237,7 +319,7 @@ def route_products(model: Any, decoder: LeanDecoder) -> int:
     forward) use the kernel `decoder` chose, when that is oneDNN: it was as much faster
     at prefill sizes (1.7x at 32 to 512 rows here). Where autograd is on (training), they
     keep F.linear, which it can differentiate. Returns how many layers were routed."""
-    if decoder.products != "onednn":
+    if not decoder.products.startswith("onednn"):
         return 0
     routed = 0
     for module in model.modules():
