@@ -134,22 +134,21 @@ class Preparer:
                 self.store.lock(conversation, self.settings.lock_ttl_s)
             )
             author = max(jobs, key=lambda j: j.seq).author  # the newest message's
-            read: _Read | None = None
+            results: list[Any] | None = None
             if self._ordered:
                 # The reads go right behind the lock's SET NX, in the same round trip and
                 # executed after it, so they read what the lock's holder may rely on;
                 # they are dropped when the lock is another's.
                 lock, *results = await together(taking, *self._reads(conversation, author))
-                read = self._read(results, author)
             else:  # Redis Cluster: side by side is not in order; read once it is held
                 lock = await taking
             if not lock.held:
                 for job in jobs:  # another worker is answering; look again next step
                     self.collector.defer(job)
                 return None
-            if read is None:
+            if results is None:
                 results = await together(*self._reads(conversation, author))
-                read = self._read(results, author)
+            read = self._read(results, author)
             waiting, stored, situation = await self._settle(conversation, jobs, read)
             history = await self._holding(conversation, waiting, stored) if waiting else None
             if not history:

@@ -282,9 +282,10 @@ class Worker:
         try:
             await self._commit(item, generation, publisher.shown if publisher else "")
         finally:
-            await together(
-                item.release.aclose(), publisher.close() if publisher else asyncio.sleep(0)
-            )
+            closing = [item.release.aclose()]
+            if publisher is not None:
+                closing.append(publisher.close())
+            await together(*closing)
 
     async def _commit(self, item: Prepared, generation: Generation, shown: str) -> None:
         if generation.finish_reason == "error":
