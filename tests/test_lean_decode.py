@@ -279,3 +279,34 @@ def test_projections_routed_to_onednn_compute_the_same_and_still_train() -> None
     mkl = lean_decoder(small_llama(layers=2), "mkl")
     assert mkl is not None and route_products(model, mkl) == 0
     assert lean_decoder(model, "mkl") is not None  # routed layers are still known ones
+
+
+def test_the_copies_timed_at_load_are_the_ones_the_step_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each weight is packed once: the copies made to time the packed kernel are the step's
+    own when it keeps them (packing them again cost ~0.2 s of the bundled model's load)."""
+    skip_unless_available("onednn-packed")
+    made: list[torch.Tensor] = []
+    packing = lean_decode.pack
+
+    def counted(weight: torch.Tensor) -> torch.Tensor:
+        made.append(weight)
+        return packing(weight)
+
+    def timed(linear: Any, operands: Any, rows: int) -> float:
+        if operands[0].is_mkldnn:
+            return 1.0
+        return 20.0 if linear is F.linear else 10.0
+
+    monkeypatch.setattr(lean_decode, "pack", counted)
+    monkeypatch.setattr(lean_decode, "_pass_ms", timed)
+    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: 1 << 40)
+    model = small_llama(layers=2)  # 15 products: all of them in the timed sample
+    lean = lean_decoder(model, "auto")
+    assert lean is not None and lean.products == "onednn-packed"
+    mine = {id(p) for p in model.parameters()}
+    packed_weights = [id(w) for w in made if id(w) in mine]  # not packing_available's probe
+    assert len(packed_weights) == 1 + 7 * 2  # each product's weight (the output one tied)
+    assert len(set(packed_weights)) == len(packed_weights)  # once each
+    assert lean.layers[1].down.is_mkldnn and lean.lm_head.is_mkldnn

@@ -94,6 +94,20 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+class PackedCopies:
+    """Packed copies (`pack`) by weight, each made once: the ones `choose_products` made to
+    time them are the step's own when it keeps them (~0.2 s of the bundled model's load)."""
+
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        made = self._made.get(id(weight))
+        if made is None:  # the weight is kept with its copy: its id stays its own
+            made = self._made[id(weight)] = (weight, pack(weight))
+        return made[1]
+
+
 def packing_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether oneDNN's packed weights work here for `dtype` (products checked)."""
     if not onednn_available(dtype):
@@ -138,10 +152,13 @@ def _pass_ms(linear: Linear, weights: Sequence[torch.Tensor], rows: int) -> floa
     return best * 1000
 
 
-def choose_products(weights: Sequence[torch.Tensor], kernel: str = "auto") -> tuple[str, Linear]:
+def choose_products(
+    weights: Sequence[torch.Tensor], kernel: str = "auto", packed: PackedCopies | None = None
+) -> tuple[str, Linear]:
     """The product kernel for `weights` (on the CPU): `kernel` "mkl" (`F.linear`), "onednn"
     (on the plain weights), "onednn-packed" (on copies of them in oneDNN's blocked layout,
-    `pack`: the caller makes them), or "auto": all timed on these weights at TIMED_ROWS
+    `pack`: the caller makes them, `packed` keeps those made here), or "auto": all timed on
+    these weights at TIMED_ROWS
     rows, oneDNN kept where it is clearly faster than MKL and the packed copies where they
     are clearly faster than the plain weights and fit in memory (the module's docstring)."""
     if kernel not in PRODUCT_KERNELS:
@@ -167,7 +184,8 @@ def choose_products(weights: Sequence[torch.Tensor], kernel: str = "auto") -> tu
     }
     fits = _packing_fits(weights)
     if fits and packing_available(dtype):
-        kernels["onednn-packed"] = (_onednn_linear, [pack(w) for w in sample])
+        copies = packed or PackedCopies()
+        kernels["onednn-packed"] = (_onednn_linear, [copies(w) for w in sample])
     times: dict[str, list[float]] = {name: [] for name in kernels}
     for rows in TIMED_ROWS:
         for linear, operands in kernels.values():  # warm each up
@@ -186,7 +204,10 @@ def choose_products(weights: Sequence[torch.Tensor], kernel: str = "auto") -> tu
         len(sample),
         "/".join(str(r) for r in TIMED_ROWS),
         ", ".join(f"{name} {'/'.join(f'{t:.1f}' for t in ts)}" for name, ts in times.items()),
-        "" if fits else "; no packed copies: they would take over a quarter of the free memory",
+        ""
+        if fits
+        else "; no packed copies: they would take over a quarter of the free memory, or it "
+        "cannot be read",
     )
     return chosen, (F.linear if chosen == "mkl" else _onednn_linear)
 
@@ -247,10 +268,11 @@ class LeanDecoder:
         weights = [self.lm_head]
         for layer in self.layers:
             weights += [layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down]
-        self.products, self._linear = choose_products(weights, products)
+        copies = PackedCopies()
+        self.products, self._linear = choose_products(weights, products, copies)
         if self.products == "onednn-packed":  # this step's own copies; prefill keeps the plain
-            self.lm_head = pack(self.lm_head)
-            self.layers = [_packed(layer) for layer in self.layers]
+            self.lm_head = copies(self.lm_head)
+            self.layers = [_packed(layer, copies) for layer in self.layers]
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -293,16 +315,16 @@ class LeanDecoder:
         return linear(hidden, self.lm_head)
 
 
-def _packed(layer: _Layer) -> _Layer:
+def _packed(layer: _Layer, copies: PackedCopies) -> _Layer:
     return replace(
         layer,
-        q=pack(layer.q),
-        k=pack(layer.k),
-        v=pack(layer.v),
-        o=pack(layer.o),
-        gate=pack(layer.gate),
-        up=pack(layer.up),
-        down=pack(layer.down),
+        q=copies(layer.q),
+        k=copies(layer.k),
+        v=copies(layer.v),
+        o=copies(layer.o),
+        gate=copies(layer.gate),
+        up=copies(layer.up),
+        down=copies(layer.down),
     )
 
 
