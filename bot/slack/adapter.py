@@ -184,9 +184,9 @@ class SlackAdapter(SlackCommands):
             self._later(self.poster.say(conversation, submission.reply_text))
         elif submission.outcome is Outcome.QUEUED:
             if self.settings.streaming:
-                self._later(self.poster.show_thinking(conversation))
+                self._later(self.poster.show_thinking(conversation, event["ts"]))
             else:
-                self._later(self.poster.show_working(conversation))
+                self._later(self.poster.show_working(conversation, event["ts"]))
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` after the acknowledgement; failures are logged."""

@@ -26,10 +26,11 @@ from bot.chunking import split_message
 from bot.outbox import PermanentPostError, PostedParts
 from bot.slack.format import escape, markdown_to_mrkdwn
 from bot.slack.streaming import SlackStreams
+from bot.slack.working import WorkingMessages
 from bot.streaming import streamed_messages
 from core import metrics
 from core.conversation import ConversationKey, Reply
-from core.keys import PLACEHOLDER_TTL_S, Keys
+from core.keys import Keys
 from core.redis_conn import Redis
 from core.settings import Settings
 
@@ -109,15 +110,16 @@ class SlackPoster:
         self.client = client
         self.redis = redis
         self.keys = keys
-        self.streams = SlackStreams(client, redis, keys, MESSAGE_LIMIT)
+        self.working = WorkingMessages(redis, keys)
+        self.streams = SlackStreams(client, self.working, MESSAGE_LIMIT)
 
     # -- the "is thinking…" status -----------------------------------------------------
 
-    async def show_thinking(self, conversation: ConversationKey) -> None:
+    async def show_thinking(self, conversation: ConversationKey, message_id: str) -> None:
         """Slack's "is thinking…" status in the thread until the first words; the "working
         on it" message where the status cannot be set."""
         if not await self.streams.set_thinking(conversation):
-            await self.show_working(conversation)
+            await self.show_working(conversation, message_id)
 
     # -- replies (from the outbox) ------------------------------------------------------
 
@@ -138,9 +140,7 @@ class SlackPoster:
                     await self.streams.finish(reply, streamed[0], chunk, blocks, len(chunks) == 1)
                     await parts.record(0, streamed[0])
                     continue
-                if index == 0 and await self._replace_placeholder(
-                    conversation, chunk, parts, blocks
-                ):
+                if index == 0 and await self._replace_placeholder(reply, chunk, parts, blocks):
                     continue
                 response = await self.client.chat_postMessage(
                     channel=conversation.channel,
@@ -198,10 +198,10 @@ class SlackPoster:
 
     # -- the "working on it" message ----------------------------------------------------
 
-    async def show_working(self, conversation: ConversationKey) -> None:
-        """Post one "working on it" message per conversation; the reply replaces it."""
-        key = self.keys.placeholder(conversation)
-        if not await self.redis.set(key, "posting", nx=True, ex=PLACEHOLDER_TTL_S):
+    async def show_working(self, conversation: ConversationKey, message_id: str) -> None:
+        """Post one "working on it" message per conversation; the reply replaces it (see
+        bot/slack/working.py for a reply that comes first)."""
+        if not await self.working.claim(conversation, message_id):
             return
         try:
             response = await self.client.chat_postMessage(
@@ -211,25 +211,24 @@ class SlackPoster:
             )
         except (SlackApiError, ClientError) as exc:
             log.warning("could not post the working message in %s: %s", conversation.id, exc)
-            await self.redis.delete(key)
+            await self.working.abandon(conversation, message_id)
             return
         ts = str(response["ts"])
-        if not await self.redis.set(key, ts, xx=True, ex=PLACEHOLDER_TTL_S):
-            # The answer came while this was being posted and went out as a message of
-            # its own: tidy up.
+        if not await self.working.posted(conversation, message_id, ts):
+            # The answer went out as a message of its own meanwhile: tidy up.
             with contextlib.suppress(SlackApiError, ClientError):
                 await self.client.chat_delete(channel=conversation.channel, ts=ts)
 
     async def _replace_placeholder(
         self,
-        conversation: ConversationKey,
+        reply: Reply,
         text: str,
         parts: PostedParts,
         blocks: list[dict[str, Any]] | None = None,
     ) -> bool:
-        stored = await self.redis.getdel(self.keys.placeholder(conversation))
-        placeholder = str(stored) if stored else ""
-        if not placeholder or placeholder == "posting":
+        conversation = reply.conversation
+        placeholder = await self.working.take(conversation, reply.reply_to)
+        if not placeholder:
             return False
         try:
             await self.client.chat_update(

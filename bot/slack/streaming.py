@@ -19,10 +19,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.chunking import split_message
 from bot.outbox import PostedParts
 from bot.slack.format import markdown_to_mrkdwn
+from bot.slack.working import WorkingMessages
 from bot.streaming import stream_part, streamed_messages
 from core.conversation import ConversationKey, Reply
-from core.keys import Keys
-from core.redis_conn import Redis
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +41,9 @@ THINKING_STATUS = "is thinking…"
 class SlackStreams:
     """The messages this process streams replies into."""
 
-    def __init__(self, client: AsyncWebClient, redis: Redis, keys: Keys, message_limit: int):
+    def __init__(self, client: AsyncWebClient, working: WorkingMessages, message_limit: int):
         self.client = client
-        self.redis = redis
-        self.keys = keys
+        self.working = working
         self.message_limit = message_limit
         self.native = True  # until Slack says the streaming methods are unavailable
         self.streaming: dict[str, _Stream] = {}  # reply id -> its message
@@ -90,8 +88,7 @@ class SlackStreams:
 
     async def _open(self, reply: Reply, text: str, parts: PostedParts) -> _Stream:
         conversation = reply.conversation
-        stored = await self.redis.getdel(self.keys.placeholder(conversation))
-        placeholder = str(stored) if stored and stored != "posting" else ""
+        placeholder = await self.working.take(conversation, reply.reply_to)
         if placeholder:  # the "working on it" message becomes the reply
             await self.client.chat_update(
                 channel=conversation.channel, ts=placeholder, text=markdown_to_mrkdwn(text)
