@@ -129,8 +129,10 @@ def test_packed_copies_are_the_lean_steps_own_and_compute_every_row_count() -> N
     lean = lean_decoder(model, "onednn-packed")
     assert lean is not None and lean.products == "onednn-packed"
     layer = model.model.layers[0]
-    assert lean.layers[0].q is not layer.self_attn.q_proj.weight
-    assert lean.layers[0].q.is_mkldnn and not layer.self_attn.q_proj.weight.is_mkldnn
+    fused = lean.layers[0].qkv  # q, k and v in one product
+    assert fused is not None and fused.is_mkldnn and lean.layers[0].gate_up is not None
+    assert not layer.self_attn.q_proj.weight.is_mkldnn
+    assert lean.layers[0].o is not layer.self_attn.o_proj.weight and lean.layers[0].o.is_mkldnn
     weight = torch.randn(48, 16)
     packed = pack(weight)
     with torch.inference_mode():
@@ -305,8 +307,13 @@ def test_the_copies_timed_at_load_are_the_ones_the_step_keeps(
     model = small_llama(layers=2)  # 15 products: all of them in the timed sample
     lean = lean_decoder(model, "auto")
     assert lean is not None and lean.products == "onednn-packed"
-    mine = {id(p) for p in model.parameters()}
-    packed_weights = [id(w) for w in made if id(w) in mine]  # not packing_available's probe
-    assert len(packed_weights) == 1 + 7 * 2  # each product's weight (the output one tied)
-    assert len(set(packed_weights)) == len(packed_weights)  # once each
+    # Each of the step's products packed once: the output one (tied to the embedding), and
+    # per layer q/k/v fused, o, gate/up fused and down (packing_available's probe aside).
+    config = model.config
+    packed_weights = [  # packing_available's probe (8 columns) aside
+        w for w in made if w.shape[1] in (config.hidden_size, config.intermediate_size)
+    ]
+    assert len(packed_weights) == 1 + 4 * 2
+    assert len({id(w) for w in packed_weights}) == len(packed_weights)  # once each
+    assert any(w is model.lm_head.weight for w in packed_weights)
     assert lean.layers[1].down.is_mkldnn and lean.lm_head.is_mkldnn

@@ -25,7 +25,9 @@ over this model's weights read 12 GB/s where a plain sum reads 36, and oneDNN's
 products 1.5-2.3x as fast at 1 to 64 rows; on copies of the weights reordered into
 oneDNN's blocked layout (`pack`, made for 8 rows; any count works) they ran 1.2x (1 row)
 to 1.5x (8 rows) faster again, and the engine decoded 1.25-1.6x as many tokens/s at batch
-1 to 32. So the decoder times the kernels on the model's own weights when it is made
+1 to 32. The packed copies are copies anyway, so they are made fused: q/k/v as one product
+and gate/up as one (211 -> 121 products a step), which took a batch-1 step from 16.1 to
+14.2 ms (8 rows: 20.0 -> 18.3 ms; 32 rows: no change). So the decoder times the kernels on the model's own weights when it is made
 (`choose_products`, about a second) and keeps the fastest; the choice is logged. The packed
 copies double the weights' memory (prefill and training keep the plain weights), so they
 are only made where they take at most a quarter of the memory available.
@@ -58,7 +60,8 @@ Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRODUCT_KERNELS = ("auto", "mkl", "onednn", "onednn-packed")
 TIMED_ROWS = (1, 8)  # the batch sizes `choose_products` times the kernels at
 TIMING_ROUNDS = 3  # each kernel's best of this many passes over the weights
-TIMED_WEIGHTS = 1 + 7 * 8  # the output product and 8 layers' (all of a smaller model's)
+TIMED_LAYERS = 8
+TIMED_WEIGHTS = 1 + 7 * TIMED_LAYERS  # the output product and 8 layers' (all of a smaller one's)
 ONEDNN_MARGIN = 0.9  # oneDNN is kept when it takes at most this share of F.linear's time
 # Packed copies (oneDNN's blocked layout, made for this many rows; a hint, any count works)
 # are kept when they take at most PACKED_MARGIN of the plain weights' time, and when the
@@ -153,14 +156,18 @@ def _pass_ms(linear: Linear, weights: Sequence[torch.Tensor], rows: int) -> floa
 
 
 def choose_products(
-    weights: Sequence[torch.Tensor], kernel: str = "auto", packed: PackedCopies | None = None
+    weights: Sequence[torch.Tensor],
+    kernel: str = "auto",
+    packed: PackedCopies | None = None,
+    packed_sample: Sequence[torch.Tensor] | None = None,
 ) -> tuple[str, Linear]:
     """The product kernel for `weights` (on the CPU): `kernel` "mkl" (`F.linear`), "onednn"
     (on the plain weights), "onednn-packed" (on copies of them in oneDNN's blocked layout,
     `pack`: the caller makes them, `packed` keeps those made here), or "auto": all timed on
-    these weights at TIMED_ROWS
-    rows, oneDNN kept where it is clearly faster than MKL and the packed copies where they
-    are clearly faster than the plain weights and fit in memory (the module's docstring)."""
+    these weights at TIMED_ROWS rows (the packed copies on `packed_sample` where given: the
+    sampled products' weights as the packed step has them), oneDNN kept where it is clearly
+    faster than MKL and the packed copies where they are clearly faster than the plain
+    weights and fit in memory (the module's docstring)."""
     if kernel not in PRODUCT_KERNELS:
         raise ValueError(f"product kernel {kernel!r} is not one of {', '.join(PRODUCT_KERNELS)}")
     if kernel == "mkl" or not weights:
@@ -185,7 +192,8 @@ def choose_products(
     fits = _packing_fits(weights)
     if fits and packing_available(dtype):
         copies = packed or PackedCopies()
-        kernels["onednn-packed"] = (_onednn_linear, [copies(w) for w in sample])
+        to_pack = sample if packed_sample is None else packed_sample
+        kernels["onednn-packed"] = (_onednn_linear, [copies(w) for w in to_pack])
     times: dict[str, list[float]] = {name: [] for name in kernels}
     for rows in TIMED_ROWS:
         for linear, operands in kernels.values():  # warm each up
@@ -225,6 +233,10 @@ class _Layer:
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    # With packed copies (which are copies anyway), the q/k/v products as one and the
+    # gate/up products as one: fewer, larger products (`_fused`).
+    qkv: torch.Tensor | None = None
+    gate_up: torch.Tensor | None = None
 
 
 class LeanDecoder:
@@ -268,11 +280,20 @@ class LeanDecoder:
         weights = [self.lm_head]
         for layer in self.layers:
             weights += [layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down]
+        # The packed copies are timed as the step would use them: fused (`_fused`).
+        may_pack = products in ("auto", "onednn-packed")
+        timed_layers = [_fused(layer) for layer in self.layers[:TIMED_LAYERS]] if may_pack else []
+        packed_sample = [self.lm_head]
+        for fused in timed_layers:
+            packed_sample += [fused.qkv, fused.o, fused.gate_up, fused.down]
         copies = PackedCopies()
-        self.products, self._linear = choose_products(weights, products, copies)
+        self.products, self._linear = choose_products(weights, products, copies, packed_sample)
         if self.products == "onednn-packed":  # this step's own copies; prefill keeps the plain
             self.lm_head = copies(self.lm_head)
-            self.layers = [_packed(layer, copies) for layer in self.layers]
+            self.layers = [
+                _packed(timed_layers[i] if i < len(timed_layers) else _fused(layer), copies)
+                for i, layer in enumerate(self.layers)
+            ]
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -291,11 +312,16 @@ class LeanDecoder:
         half = dim // 2
         for weights, layer in zip(self.layers, cache_layers(cache), strict=True):
             normed = _rms_norm(hidden, weights.norm_in, weights.eps_in)
-            query = linear(normed, weights.q).view(rows, heads, dim)
-            key = linear(normed, weights.k).view(rows, kv_heads, dim)
-            value = linear(normed, weights.v).view(rows, kv_heads, 1, dim)
+            if weights.qkv is not None:
+                projected = linear(normed, weights.qkv).view(rows, heads + 2 * kv_heads, dim)
+                both = projected[:, : heads + kv_heads]
+                value = projected[:, heads + kv_heads :, None, :]
+            else:
+                query = linear(normed, weights.q).view(rows, heads, dim)
+                key = linear(normed, weights.k).view(rows, kv_heads, dim)
+                value = linear(normed, weights.v).view(rows, kv_heads, 1, dim)
+                both = torch.cat([query, key], 1)
             # RoPE on queries and keys together (rotate_half, as transformers' Llama does).
-            both = torch.cat([query, key], 1)
             turned = torch.cat([-both[..., half:], both[..., :half]], -1)
             both = both * cos + turned * sin
             keys, values = layer.update(both[:, heads:, None, :], value)
@@ -309,21 +335,35 @@ class LeanDecoder:
             )
             hidden = hidden + linear(attended.reshape(rows, heads * dim), weights.o)
             normed = _rms_norm(hidden, weights.norm_out, weights.eps_out)
-            gated = F.silu(linear(normed, weights.gate)) * linear(normed, weights.up)
+            if weights.gate_up is not None:
+                gate, up = linear(normed, weights.gate_up).chunk(2, -1)
+                gated = F.silu(gate) * up
+            else:
+                gated = F.silu(linear(normed, weights.gate)) * linear(normed, weights.up)
             hidden = hidden + linear(gated, weights.down)
         hidden = _rms_norm(hidden, self.final_norm, self.final_eps)
         return linear(hidden, self.lm_head)
 
 
+def _fused(layer: _Layer) -> _Layer:
+    """`layer` with its q/k/v weights concatenated into one (so are gate/up): one product
+    each instead of three and two, 211 -> 121 products a step for the bundled model (the
+    products' count, not only their bytes, costs at batch 1). The separate ones stay for
+    the plain kernels, which would need a copy to fuse."""
+    with torch.inference_mode():
+        qkv = torch.cat([layer.q, layer.k, layer.v])
+        gate_up = torch.cat([layer.gate, layer.up])
+    return replace(layer, qkv=qkv, gate_up=gate_up)
+
+
 def _packed(layer: _Layer, copies: PackedCopies) -> _Layer:
+    """The fused layer (`_fused`) with packed copies of its products' weights."""
+    assert layer.qkv is not None and layer.gate_up is not None
     return replace(
         layer,
-        q=copies(layer.q),
-        k=copies(layer.k),
-        v=copies(layer.v),
+        qkv=copies(layer.qkv),
         o=copies(layer.o),
-        gate=copies(layer.gate),
-        up=copies(layer.up),
+        gate_up=copies(layer.gate_up),
         down=copies(layer.down),
     )
 
