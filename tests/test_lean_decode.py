@@ -167,6 +167,22 @@ def test_no_packed_copies_where_they_would_crowd_the_memory(
     assert choose_products(weights, "auto")[0] == "onednn"
 
 
+def test_packed_copies_are_chosen_when_the_plain_kernels_are_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """oneDNN on the plain weights no faster than MKL (as in bf16 on an EPYC) does not rule
+    out the packed copies: they are weighed against the better plain kernel."""
+    skip_unless_available("onednn-packed")
+    weights = [torch.randn(256, 128) for _ in range(4)]
+
+    def timed(linear: Any, operands: Any, rows: int) -> float:
+        return 5.5 if operands[0].is_mkldnn else 10.0
+
+    monkeypatch.setattr(lean_decode, "_pass_ms", timed)
+    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: 1 << 40)
+    assert choose_products(weights, "auto")[0] == "onednn-packed"
+
+
 def test_the_engine_prefills_with_the_kernel_its_lean_step_chose(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -26,11 +26,12 @@ products 1.5-2.3x as fast at 1 to 64 rows; on copies of the weights reordered in
 oneDNN's blocked layout (`pack`, made for 8 rows; any count works) they ran 1.2x (1 row)
 to 1.5x (8 rows) faster again, and the engine decoded 1.25-1.6x as many tokens/s at batch
 1 to 32. The packed copies are copies anyway, so they are made fused: q/k/v as one product
-and gate/up as one (211 -> 121 products a step), which took a batch-1 step from 16.1 to
-14.2 ms (8 rows: 20.0 -> 18.3 ms; 32 rows: no change). So the decoder times the kernels on the model's own weights when it is made
-(`choose_products`, about a second) and keeps the fastest; the choice is logged. The packed
-copies double the weights' memory (prefill and training keep the plain weights), so they
-are only made where they take at most a quarter of the memory available.
+and gate/up as one (211 -> 121 products a step): a batch-1 step took 20-25 % less time
+(fp32, best of 6: 25.8 -> 20.8 ms and 31.9 -> 24.8 ms in two runs; bf16 16.1 -> 14.2 ms),
+8 and 32 rows about the same. So the decoder times the kernels on the model's own weights
+when it is made (`choose_products`, about a second) and keeps the fastest; the choice is
+logged. The packed copies double the weights' memory (prefill and training keep the plain
+weights), so they are only made where they take at most a quarter of the memory available.
 
 Tried and left out: at 4-16 rows MKL's sgemm is slow on an Intel Xeon too (8 rows cost 2x
 one row). On that Xeon an earlier benchmark saw every engine step slow down once packed
@@ -202,9 +203,9 @@ def choose_products(
             times[name].append(_pass_ms(linear, operands, rows))
     total = {name: sum(t) for name, t in times.items()}
     chosen = "onednn" if total["onednn"] <= ONEDNN_MARGIN * total["mkl"] else "mkl"
-    if chosen == "onednn" and total.get("onednn-packed", float("inf")) <= (
-        PACKED_MARGIN * total["onednn"]
-    ):
+    # Packed copies against the better plain kernel: in bf16 here oneDNN on the plain
+    # weights was no faster than MKL while the packed copies took 0.55x MKL's time.
+    if total.get("onednn-packed", float("inf")) <= PACKED_MARGIN * total[chosen]:
         chosen = "onednn-packed"
     log.info(
         "decoding products: %s (%d of a step's products, ms at %s rows: %s%s)",
