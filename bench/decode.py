@@ -2,7 +2,8 @@
 
 Each decoding step at batch 1 must read every weight once, so tokens/s at batch 1 cannot
 exceed (read bandwidth) / (weight bytes). The bandwidth is measured in the same run (a
-torch sum over 256 MB, on the idle machine: run nothing else meanwhile). Then the engine
+torch sum over 256 MB, on the idle machine: run nothing else meanwhile), before and after
+each of a few batch-1 runs, whose median share of the limit is reported. Then the engine
 (continuous batching, `core/generation/batcher.py`) generates fixed-length replies (end of
 sequence ignored) at batch 1, 8, 16 and 32: with its lean decoding step
 (`core/generation/lean_decode.py`) on the product kernel it chose and, side by side at each
@@ -67,7 +68,7 @@ async def engine_tok_s(engine: Any, batch: int, tokens: int) -> float:
     ]
     started = time.perf_counter()
     generations = await engine.generate(requests)
-    return sum(g.new_tokens for g in generations) / (time.perf_counter() - started)
+    return float(sum(g.new_tokens for g in generations) / (time.perf_counter() - started))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32])
+    parser.add_argument(
+        "--share-rounds", type=int, default=5, help="batch-1 runs between bandwidth readings"
+    )
     args = parser.parse_args(argv)
     settings = Settings.from_mapping(
         {"CHATBOT_DTYPE": args.dtype, "CHATBOT_MAX_BATCH_SIZE": str(max(args.batches))}
@@ -109,8 +113,25 @@ def main(argv: list[str] | None = None) -> int:
         forward[batch] = asyncio.run(engine_tok_s(engine, batch, args.tokens))
     engine.batcher.lean = lean
     others.clear()  # their packed copies
-    # Last (its 256 MB buffer slowed what came after it), on the engine's thread too.
-    bandwidth = engine.executor.submit(read_bandwidth_gb_s).result()
+    # The share of the limit, from batch-1 runs each between two bandwidth readings (on
+    # the engine's thread too): this machine's read bandwidth moved 35-65 GB/s within
+    # minutes, so one reading at another moment made the share a lottery. After the
+    # rest (a 256 MB buffer slowed what came after it).
+    shares: list[dict[str, float]] = []
+    for _ in range(args.share_rounds):
+        before = engine.executor.submit(read_bandwidth_gb_s).result()
+        tok_s = asyncio.run(engine_tok_s(engine, 1, args.tokens))
+        after = engine.executor.submit(read_bandwidth_gb_s).result()
+        round_limit = (before + after) / 2 * 1e9 / weight_bytes
+        shares.append(
+            {
+                "bandwidth_gb_s": round((before + after) / 2, 1),
+                "tok_s": round(tok_s, 1),
+                "share_of_limit": round(tok_s / round_limit, 3),
+            }
+        )
+    middle = sorted(shares, key=lambda r: r["share_of_limit"])[len(shares) // 2]
+    bandwidth = middle["bandwidth_gb_s"]
     limit = bandwidth * 1e9 / weight_bytes
     results: dict[str, Any] = {
         "dtype": args.dtype,
@@ -120,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "lean_step": lean is not None,
         "lean_products": lean.products if lean is not None else None,
+        "batch1_share_rounds": shares,  # the median round gives the limit above
         "engine": {},
         "engine_other_products": {  # the lean step with each other kernel
             kernel: {str(b): round(t, 1) for b, t in figures.items()}
@@ -127,12 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         },
         "engine_transformers_forward": {},
     }
-    print(f"read bandwidth {bandwidth:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB")
+    for n, r in enumerate(shares, 1):
+        print(
+            f"batch-1 round {n}: {r['tok_s']:.1f} tok/s at {r['bandwidth_gb_s']:.1f} GB/s"
+            f" = {r['share_of_limit']:.0%} of the limit"
+        )
+    print(
+        f"read bandwidth {bandwidth:.1f} GB/s (median round), weights {weight_bytes / 1e6:.0f} MB"
+    )
     print(f"batch-1 limit {limit:.1f} tok/s; lean step products: {results['lean_products']}")
     for batch, tok_s in measured.items():
         results["engine"][str(batch)] = round(tok_s, 1)
         results["engine_transformers_forward"][str(batch)] = round(forward[batch], 1)
-        share = f" = {tok_s / limit:.0%} of the limit" if batch == 1 else ""
+        share = f" = {tok_s / limit:.0%} of the median round's limit" if batch == 1 else ""
         compared = "".join(
             f", {kernel} products: {figures[batch]:6.1f}"
             for kernel, figures in measured_other.items()
