@@ -105,8 +105,12 @@ class PackedCopies:
     def __init__(self) -> None:
         self._made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+    def __call__(self, weight: torch.Tensor, keep: bool = True) -> torch.Tensor:
+        """`keep=False` for a weight made only to be packed (a fused one): not kept here,
+        so it is freed once packed."""
         made = self._made.get(id(weight))
+        if made is None and not keep:
+            return pack(weight)
         if made is None:  # the weight is kept with its copy: its id stays its own
             made = self._made[id(weight)] = (weight, pack(weight))
         return made[1]
@@ -362,9 +366,9 @@ def _packed(layer: _Layer, copies: PackedCopies) -> _Layer:
     assert layer.qkv is not None and layer.gate_up is not None
     return replace(
         layer,
-        qkv=copies(layer.qkv),
+        qkv=copies(layer.qkv, keep=False),
         o=copies(layer.o),
-        gate_up=copies(layer.gate_up),
+        gate_up=copies(layer.gate_up, keep=False),
         down=copies(layer.down),
     )
 
