@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.run(engine_tok_s(engine, 1, 4))  # warm up
     lean = engine.batcher.lean
     # The lean step with each product kernel other than the one it chose, made on the
-    # engine thread too (lean_decode.choose_products).
+    # engine thread too (products.choose_products).
     others: dict[str, Any] = {}
     if lean is not None:
         for kernel in ("mkl", "onednn", "onednn-packed"):

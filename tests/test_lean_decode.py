@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import core.generation.lean_decode as lean_decode
+import core.generation.products as products_module
 from core.generation.engine import GenerationRequest
 from core.generation.kv_cache import cache_layers, new_cache
-from core.generation.lean_decode import (
+from core.generation.lean_decode import lean_decoder
+from core.generation.products import (
     OneDnnLinear,
     choose_products,
-    lean_decoder,
     onednn_available,
     pack,
     packing_available,
@@ -139,7 +139,7 @@ def test_packed_copies_are_the_lean_steps_own_and_compute_every_row_count() -> N
         for rows in (1, 3, 8, 13, 64):
             inputs = torch.randn(rows, 16)
             torch.testing.assert_close(
-                lean_decode._onednn_linear(inputs, packed), F.linear(inputs, weight)
+                products_module.onednn_linear(inputs, packed), F.linear(inputs, weight)
             )
 
 
@@ -158,12 +158,12 @@ def test_no_packed_copies_where_they_would_crowd_the_memory(
             return 1.0  # packed copies: ten times as fast as the plain weights
         return 20.0 if linear is F.linear else 10.0
 
-    monkeypatch.setattr(lean_decode, "_pass_ms", timed)
-    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: 100 * size)
+    monkeypatch.setattr(products_module, "_pass_ms", timed)
+    monkeypatch.setattr(products_module, "available_memory_bytes", lambda: 100 * size)
     assert choose_products(weights, "auto")[0] == "onednn-packed"
-    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: 3 * size)
+    monkeypatch.setattr(products_module, "available_memory_bytes", lambda: 3 * size)
     assert choose_products(weights, "auto")[0] == "onednn"
-    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: None)
+    monkeypatch.setattr(products_module, "available_memory_bytes", lambda: None)
     assert choose_products(weights, "auto")[0] == "onednn"
 
 
@@ -178,8 +178,8 @@ def test_packed_copies_are_chosen_when_the_plain_kernels_are_alike(
     def timed(linear: Any, operands: Any, rows: int) -> float:
         return 5.5 if operands[0].is_mkldnn else 10.0
 
-    monkeypatch.setattr(lean_decode, "_pass_ms", timed)
-    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(products_module, "_pass_ms", timed)
+    monkeypatch.setattr(products_module, "available_memory_bytes", lambda: 1 << 40)
     assert choose_products(weights, "auto")[0] == "onednn-packed"
 
 
@@ -288,14 +288,14 @@ def test_projections_routed_to_onednn_compute_the_same_and_still_train() -> None
         before = model(input_ids=ids).logits
     decoder = lean_decoder(model, "onednn")
     assert decoder is not None
-    assert route_products(model, decoder) == 2 * 7 + 1  # 7 projections a layer, lm_head
+    assert route_products(model, decoder.products) == 2 * 7 + 1  # 7 projections a layer, lm_head
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert model.model.layers[0].mlp.up_proj.weight.grad is not None
     mkl = lean_decoder(small_llama(layers=2), "mkl")
-    assert mkl is not None and route_products(model, mkl) == 0
+    assert mkl is not None and route_products(model, mkl.products) == 0
     assert lean_decoder(model, "mkl") is not None  # routed layers are still known ones
 
 
@@ -306,7 +306,7 @@ def test_the_copies_timed_at_load_are_the_ones_the_step_keeps(
     own when it keeps them (packing them again cost ~0.2 s of the bundled model's load)."""
     skip_unless_available("onednn-packed")
     made: list[torch.Tensor] = []
-    packing = lean_decode.pack
+    packing = products_module.pack
 
     def counted(weight: torch.Tensor) -> torch.Tensor:
         made.append(weight)
@@ -317,9 +317,9 @@ def test_the_copies_timed_at_load_are_the_ones_the_step_keeps(
             return 1.0
         return 20.0 if linear is F.linear else 10.0
 
-    monkeypatch.setattr(lean_decode, "pack", counted)
-    monkeypatch.setattr(lean_decode, "_pass_ms", timed)
-    monkeypatch.setattr(lean_decode, "available_memory_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(products_module, "pack", counted)
+    monkeypatch.setattr(products_module, "_pass_ms", timed)
+    monkeypatch.setattr(products_module, "available_memory_bytes", lambda: 1 << 40)
     model = small_llama(layers=2)  # 15 products: all of them in the timed sample
     lean = lean_decoder(model, "auto")
     assert lean is not None and lean.products == "onednn-packed"

@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 from core.generation.engine import FinishReason, Generation, GenerationRequest, TextListener
 from core.generation.kv_cache import cache_layers, new_cache, set_kv
-from core.generation.lean_decode import lean_decoder, route_products
+from core.generation.lean_decode import lean_decoder
 from core.generation.prefixes import MIN_PREFIX_TOKENS, KeptPrefixes, LayerKV, Prefix
+from core.generation.products import route_products
 from core.generation.watermarking import bias_logits
 from core.watermark import Watermark
 
@@ -108,7 +109,7 @@ class ContinuousBatcher:
         # compute the same logits (core/generation/lean_decode.py); prefill stays with it.
         self.lean = lean_decoder(model)
         if self.lean is not None:
-            route_products(model, self.lean)  # prefill with the same product kernel
+            route_products(model, self.lean.products)  # prefill with the same product kernel
         # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns).
         parameters = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
