@@ -79,9 +79,8 @@ async def together(*steps: Awaitable[Any]) -> list[Any]:
     """Each step's result, the steps run side by side: the commands they issue in the same
     turn go to Redis in one round trip, in the order of `steps`. A step that is itself a
     `together` issues its commands a turn later, in a round trip of their own: pass its
-    steps here instead. The first error is raised
-    once every step has ended, so that none is left running behind the caller (retrying,
-    or holding a lock it took)."""
+    steps here instead. The first error is raised once every step has ended, so that none
+    is left running behind the caller (retrying, or holding a lock it took)."""
     results = await asyncio.gather(*steps, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):

@@ -26,10 +26,8 @@ LATER_QUESTION = "1700000000.000200"
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[SlackEmulator]:
-    emulator = SlackEmulator()
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
+    async with SlackEmulator() as emulator:
+        yield emulator
 
 
 @pytest.fixture

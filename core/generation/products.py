@@ -7,13 +7,14 @@ over this model's weights read 12 GB/s where a plain sum reads 36, and oneDNN's
 products 1.5-2.3x as fast at 1 to 64 rows; on copies of the weights reordered into
 oneDNN's blocked layout (`pack`, made for 8 rows; any count works) they ran 1.2x (1 row)
 to 1.5x (8 rows) faster again, and the engine decoded 1.25-1.6x as many tokens/s at batch
-1 to 32. The packed copies are copies anyway, so they are made fused: q/k/v as one product
-and gate/up as one (211 -> 121 products a step): a batch-1 step took 20-25 % less time
-(fp32, best of 6: 25.8 -> 20.8 ms and 31.9 -> 24.8 ms in two runs; bf16 16.1 -> 14.2 ms),
-8 and 32 rows about the same. So the decoder times the kernels on the model's own weights
-when it is made (`choose_products`, about a second) and keeps the fastest; the choice is
-logged. The packed copies double the weights' memory (prefill and training keep the plain
-weights), so they are only made where they take at most a quarter of the memory available.
+1 to 32. The packed copies are copies anyway, so the step makes them fused
+(`lean_decode._fused`): q/k/v as one product and gate/up as one (211 -> 121 products a
+step): a batch-1 step took 20-25 % less time (fp32, best of 6: 25.8 -> 20.8 ms and 31.9 ->
+24.8 ms in two runs; bf16 16.1 -> 14.2 ms), 8 and 32 rows about the same. So the decoder
+times the kernels on the model's own weights when it is made (`choose_products`, about a
+second) and keeps the fastest; the choice is logged. The packed copies double the weights'
+memory (prefill and training keep the plain weights), so they are only made where they take
+at most a quarter of the memory available.
 
 Tried and left out: at 4-16 rows MKL's sgemm is slow on an Intel Xeon too (8 rows cost 2x
 one row). On that Xeon an earlier benchmark saw every engine step slow down once packed
@@ -40,11 +41,11 @@ Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRODUCT_KERNELS = ("auto", "mkl", "onednn", "onednn-packed")
 TIMED_ROWS = (1, 8)  # the batch sizes `choose_products` times the kernels at
 TIMING_ROUNDS = 3  # each kernel's best of this many passes over the weights
-TIMED_LAYERS = 8
+TIMED_LAYERS = 8  # the layers whose products are timed (a sample: the layers are alike)
 TIMED_WEIGHTS = 1 + 7 * TIMED_LAYERS  # the output product and 8 layers' (all of a smaller one's)
 ONEDNN_MARGIN = 0.9  # oneDNN is kept when it takes at most this share of F.linear's time
 # Packed copies (oneDNN's blocked layout, made for this many rows; a hint, any count works)
-# are kept when they take at most PACKED_MARGIN of the plain weights' time, and when the
+# are kept when they take at most PACKED_MARGIN of the better plain kernel's time, and when the
 # copies take at most PACKED_MEMORY_SHARE of the memory available (they double the
 # weights' memory: prefill and training keep the plain ones).
 PACKED_ROWS = 8
